@@ -1,0 +1,187 @@
+"""Speed of itm.py: pytest-benchmark cases, and a script that prints the README's timing table.
+
+    pytest bench/bench_itm.py --benchmark-only        # the cases below, medians by pytest-benchmark
+    python bench/bench_itm.py [--rounds 3] [--quick]  # the README table: ITM vs its FLOP floor vs torch
+
+Features are synthetic float32 arrays shaped like the paper's targets (CIFAR-100 on ResNet-50: N=50,000,
+D=2048, K=100), class-structured so that training behaves as on real data. The FLOP floor is the same count
+of the only large products ITM must do — E_b @ W_z and E_bᵀ @ dΘ for every training iteration, E_b @ W_z
+for every scoring batch — timed alone, in the same process. Ratios are what to read; absolute seconds
+depend on the machine and on what else runs on it.
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import itm  # noqa: E402
+
+SHAPES = {  # name: (N, D, K)
+    "cifar100_r50": (50_000, 2048, 100),
+    "k10_d768": (50_000, 768, 10),
+    "sun397_d768": (76_000, 768, 397),
+}
+
+
+def synthetic(N, D, K, seed=0):
+    """Class means plus noise, rectified like pooled CNN features; float32, built without N×D temporaries
+    beyond the result itself."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(N) % K
+    rng.shuffle(y)
+    means = (0.35 * rng.standard_normal((K, D))).astype(np.float32)
+    E = rng.standard_normal((N, D), dtype=np.float32)
+    for start in range(0, N, 8192):
+        block = E[start:start + 8192]
+        block += means[y[start:start + 8192]]
+        np.maximum(block, 0, out=block)
+    return E, y
+
+
+def flop_floor(E, plan, cfg):
+    """The large products of a default run, alone: the same shapes and counts, no other work."""
+    rng = np.random.default_rng(1)
+    D, Z = plan.params[0].shape
+    W = rng.standard_normal((D, Z)).astype(E.dtype)
+    dA = rng.standard_normal((cfg.batch_size, Z)).astype(E.dtype)
+    buf = np.empty((cfg.batch_size, D), dtype=E.dtype)
+    start = time.perf_counter()
+    for rows in plan.batches:
+        np.take(E, rows, axis=0, out=buf)
+        buf @ W                                       # E_b @ W_z
+        buf.T @ dA                                    # E_bᵀ @ dΘ
+    checkpoints = -(-cfg.iterations // cfg.eval_every)
+    score = E[plan.score_idx]
+    for _ in range(checkpoints):
+        score @ W                                     # the scoring passes
+    return time.perf_counter() - start
+
+
+def torch_naive_seconds(E, y, cfg, iterations=5):
+    """tests/itm_torch_ref.py (the naive n-step loop with autograd) in float32 on all cores: `iterations`
+    training steps and one scoring pass, scaled to the full run (cfg.iterations steps, one pass per
+    checkpoint)."""
+    import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    import itm_torch_ref as ref
+    torch.set_num_threads(os.cpu_count())
+    ref.DT = torch.float32
+    plan = itm.make_plan(E, y, cfg)
+    params = [ref.t(p).requires_grad_(True) for p in plan.params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = time.perf_counter()
+    for rows in plan.batches[:iterations]:
+        labels = torch.as_tensor(plan.y[rows])
+        opt.zero_grad()
+        logits = ref.logits_of(params, ref.batch_features(E, rows, cfg.normalize), labels,
+                               ref.t(plan.centres), ref.t(plan.q), cfg, plan.n)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        opt.step()
+    per_iteration = (time.perf_counter() - start) / iterations
+    start = time.perf_counter()
+    ref.accuracy(E, plan, cfg, params)
+    per_pass = time.perf_counter() - start
+    checkpoints = -(-cfg.iterations // cfg.eval_every)
+    return per_iteration * cfg.iterations + per_pass * checkpoints
+
+
+def peak_memory_mb(N, D, K):
+    """Peak RSS of a fresh process: after building the features, and after scoring them once."""
+    code = (f"import sys, resource; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import bench_itm as b, itm; "
+            f"E, y = b.synthetic({N}, {D}, {K}); "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; itm.itm_score(E, y); "
+            "print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = map(float, out.stdout.split())
+    return before, after, N * D * 4 / 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# pytest-benchmark cases
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def data(request):
+    E, y = synthetic(*SHAPES[request.param])
+    itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)   # compile the kernels first
+    return request.param, E, y
+
+
+def test_itm_default(benchmark, data):
+    name, E, y = data
+    result = benchmark.pedantic(itm.itm_score, args=(E, y), rounds=3, iterations=1)
+    benchmark.extra_info.update(shape=name, score=result.score, n=result.n)
+
+
+def test_flop_floor(benchmark, data):
+    name, E, y = data
+    cfg = itm.Config()
+    plan = itm.make_plan(E, y, cfg)
+    benchmark.pedantic(flop_floor, args=(E, plan, cfg), rounds=3, iterations=1)
+    benchmark.extra_info.update(shape=name)
+
+
+def test_itm_numpy_only(benchmark, data, monkeypatch):
+    name, E, y = data
+    monkeypatch.setattr(itm, "USE_NUMBA", False)
+    benchmark.pedantic(itm.itm_score, args=(E, y), rounds=1, iterations=1)
+    benchmark.extra_info.update(shape=name)
+
+
+def test_torch_naive_scaled(benchmark, data):
+    pytest.importorskip("torch", reason="the naive reference needs torch (extra 'test')")
+    name, E, y = data
+    seconds = benchmark.pedantic(torch_naive_seconds, args=(E, y, itm.Config()), rounds=1, iterations=1)
+    benchmark.extra_info.update(shape=name, scaled_full_run_seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The README table
+
+def median_seconds(fn, rounds):
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="only the CIFAR-100-shaped case")
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args(argv)
+    print("| features (N × D, K) | ITM median s | FLOP floor s | ITM / floor | NumPy-only s | "
+          "torch naive s (scaled) | torch / ITM |")
+    print("|---|---|---|---|---|---|---|")
+    for name in (["cifar100_r50"] if args.quick else SHAPES):
+        N, D, K = SHAPES[name]
+        E, y = synthetic(N, D, K)
+        itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)
+        cfg = itm.Config()
+        plan = itm.make_plan(E, y, cfg)
+        ours = median_seconds(lambda: itm.itm_score(E, y), args.rounds)
+        floor = float(np.median([flop_floor(E, plan, cfg) for _ in range(args.rounds)]))
+        itm.USE_NUMBA = False
+        numpy_only = median_seconds(lambda: itm.itm_score(E, y), 1)
+        itm.USE_NUMBA = itm.HAVE_NUMBA
+        naive = float("nan") if args.no_torch else torch_naive_seconds(E, y, cfg)
+        print(f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {numpy_only:.2f} | "
+              f"{naive:.1f} | {naive / ours:.0f}× |", flush=True)
+        del E
+    before, after, feats = peak_memory_mb(*SHAPES["cifar100_r50"])
+    print(f"\npeak RSS (CIFAR-100 shape): {before:.0f} MB after building the {feats:.0f} MB features, "
+          f"{after:.0f} MB after scoring (budget 1.2 × features + 300 MB above the interpreter)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""A second, independent ITM written the naive way in torch — the oracle of tests/test_itm.py.
+
+Nothing here is clever: the propagation is the literal n-step loop E ← E − η·C(E − T) (Eq. 5 unrolled),
+Algorithm 1's inner loop is literal gradient descent on a per-batch map g through torch.autograd.grad,
+every gradient comes from autograd, and the optimiser is torch.optim.AdamW. Only the random choices of a
+run (split, centres, initial weights, batch order) are taken from itm.make_plan, so both implementations
+see the same problem. Everything runs in float64 on the CPU.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DT = torch.float64
+
+
+def t(a):
+    return torch.as_tensor(np.asarray(a), dtype=DT)
+
+
+def naive_propagate(theta, T, n, eta, scale):
+    """E⁽ⁿ⁾ by n explicit steps E ← E − η·C(E − T), C = scale·ΘΘᵀ, starting from E⁽⁰⁾ = Θ."""
+    C = scale * (theta @ theta.T)
+    E = theta
+    for _ in range(n):
+        E = E - eta * (C @ (E - T))
+    return E
+
+
+def explicit_propagate(theta, T, Q, n, eta, scale, pc_loss):
+    """Algorithm 1 literally: W_g = I, n plain GD steps of step η·scale on L_pc(ΘW_g), E = ΘW_g.
+
+    L_pc: "mse" = Σ‖E − T‖²/2, "mae" = Σ|E − T|, "ce" = Σ_i CE(softmax(E_i), Q_i). The inner gradient is
+    taken with create_graph=True, so the outer autograd differentiates through the whole inner loop.
+    """
+    Wg = torch.eye(theta.shape[1], dtype=theta.dtype)
+    for _ in range(n):
+        if not Wg.requires_grad:
+            Wg = Wg.requires_grad_(True)
+        E = theta @ Wg
+        if pc_loss == "mse":
+            L = 0.5 * ((E - T) ** 2).sum()
+        elif pc_loss == "mae":
+            L = (E - T).abs().sum()
+        else:
+            L = -(Q * torch.log_softmax(E, dim=1)).sum()
+        (g,) = torch.autograd.grad(L, Wg, create_graph=True)
+        Wg = Wg - eta * scale * g
+    return theta @ Wg
+
+
+def batch_features(E, rows, normalize):
+    X = t(E[rows])
+    if normalize == "features":
+        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return X
+
+
+def logits_of(params, X, y, centres, q, cfg, n):
+    """f, the propagation, h — for one batch (X, y); cfg is an itm.Config (only its fields are read)."""
+    Wz, bz, Wh, bh = params
+    theta = X @ Wz + bz
+    if cfg.normalize == "theta":
+        theta = theta / theta.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    B = X.shape[0]
+    scale = 1.0 / B if cfg.c_scale == "B" else 1.0 / B ** 2
+    T = centres[y]
+    if cfg.mode == "closed":
+        E = naive_propagate(theta, T, n, cfg.eta, scale)
+    else:
+        E = explicit_propagate(theta, T, q[y], n, cfg.eta, scale, cfg.pc_loss)
+    return E @ Wh + bh
+
+
+def loss_and_grads(E, plan, cfg, params, rows):
+    """One training iteration's loss and the gradients of [W_z, b_z, W_h, b_h] (NumPy float64)."""
+    ps = [t(p).requires_grad_(True) for p in params]
+    y = torch.as_tensor(plan.y[rows])
+    logits = logits_of(ps, batch_features(E, rows, cfg.normalize), y, t(plan.centres), t(plan.q), cfg,
+                       plan.n)
+    loss = F.cross_entropy(logits, y)
+    grads = torch.autograd.grad(loss, ps)
+    return loss.item(), [g.numpy() for g in grads]
+
+
+@torch.no_grad()
+def accuracy(E, plan, cfg, params):
+    """Top-1 accuracy (percent) on the scoring part in consecutive batches of B, each batch with its own
+    labels' centres (SPEC §1 step 6)."""
+    rows_all, B, correct = plan.score_idx, cfg.batch_size, 0
+    centres, q = t(plan.centres), t(plan.q)
+    for start in range(0, rows_all.size, B):
+        rows = rows_all[start:start + B]
+        y = torch.as_tensor(plan.y[rows])
+        if cfg.mode == "explicit":  # the inner loop needs autograd
+            with torch.enable_grad():
+                logits = logits_of(params, batch_features(E, rows, cfg.normalize), y, centres, q, cfg,
+                                   plan.n).detach()
+        else:
+            logits = logits_of(params, batch_features(E, rows, cfg.normalize), y, centres, q, cfg, plan.n)
+        correct += int((logits.argmax(dim=1) == y).sum())
+    return 100.0 * correct / rows_all.size
+
+
+def algorithm2(E, plan, cfg):
+    """A whole ITM run (Algorithm 2): AdamW over plan.batches, scored every eval_every iterations and
+    after the last. Returns (trajectory [(t, accuracy %)], losses per iteration)."""
+    params = [t(p).requires_grad_(True) for p in plan.params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+    centres, q = t(plan.centres), t(plan.q)
+    losses, trajectory = [], []
+    for step in range(1, cfg.iterations + 1):
+        rows = plan.batches[step - 1]
+        y = torch.as_tensor(plan.y[rows])
+        opt.zero_grad()
+        loss = F.cross_entropy(logits_of(params, batch_features(E, rows, cfg.normalize), y, centres, q,
+                                         cfg, plan.n), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % cfg.eval_every == 0 or step == cfg.iterations:
+            trajectory.append((step, accuracy(E, plan, cfg, params)))
+    return trajectory, np.array(losses)

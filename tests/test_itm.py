@@ -1,0 +1,512 @@
+"""Tests for itm.py: each computation written twice — ours vs an independent oracle — asserted equal.
+
+Oracles: tests/itm_torch_ref.py (the naive n-step propagation, Algorithm 1 and Algorithm 2 in torch with
+autograd and torch.optim.AdamW), 1100-digit decimal arithmetic for φ and Ψ, the SPEC's definitions
+recomputed directly for the plan, and scipy.stats.weightedtau for τ_w. The random choices of a run
+(split, centres, initial weights, batch order) come from itm.make_plan so both sides solve the same
+problem. Sizes are small; seeds are fixed.
+"""
+import csv
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import warnings
+from decimal import Decimal, localcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats as st
+import torch
+
+import itm
+from tests import itm_torch_ref as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(iterations=50, batch_size=32, eval_every=10)  # a small, fast run
+
+
+def blobs(seed=0, N=360, D=24, K=6, sep=1.0, dtype=np.float32):
+    """N samples of K Gaussian classes in R^D, class means sep·N(0, I) apart (labels shuffled)."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(N) % K)
+    means = rng.standard_normal((K, D))
+    return (sep * means[y] + rng.standard_normal((N, D))).astype(dtype), y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The oracle's matrices are tiny: several torch threads only cost time (5× here). Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def backend(request, monkeypatch):
+    """Run a test through the numba kernels and through the pure NumPy fallback."""
+    if request.param == "numba" and not itm.HAVE_NUMBA:
+        pytest.skip("numba is not installed: only the NumPy path exists")
+    monkeypatch.setattr(itm, "USE_NUMBA", request.param == "numba")
+    return request.param
+
+
+def max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+CASES = ["rank_deficient", "duplicate_rows", "repeated", "repeated_and_zero", "near_repeated", "unit_rows"]
+
+
+@pytest.mark.parametrize("n", [37, 400])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_propagate_crafted_vs_torch(branch, case, n, backend):
+    rng = np.random.default_rng([CASES.index(case), n, branch == "gram"])
+    theta = crafted_theta(case, branch, rng)
+    B, Z = theta.shape
+    assert (Z <= B) == (branch == "gram")
+    T = rng.standard_normal((B, Z))
+    dE = rng.standard_normal((B, Z))
+    s = 1.0 / B
+    E, backward = itm.propagate(theta, T, n, ETA, s, want_grad=True)
+    dtheta = backward(dE)
+    th = ref.t(theta).requires_grad_(True)
+    Et = ref.naive_propagate(th, ref.t(T), n, ETA, s)
+    (dth,) = torch.autograd.grad(Et, th, ref.t(dE))
+    assert max_err(E, Et.detach()) <= 1e-9
+    assert max_err(dtheta, dth) <= 1e-9, max_err(dtheta, dth)
+    E2, none = itm.propagate(theta, T, n, ETA, s, want_grad=False)
+    assert none is None and max_err(E2, E) == 0
+
+
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_low_rank_features_do_not_diverge(branch, backend):
+    """D = 3 features: rank(Θ) ≤ 4 < Z, so s·ΘᵀΘ (Z = 10 ≤ B) or C (Z = 40 > B = 16) has exact-zero
+    eigenvalues. The propagation is a contraction (unit rows), so the run must not be reported diverged,
+    and its gradients must match torch's."""
+    rng = np.random.default_rng(12)
+    y = np.arange(400) % 4
+    X = rng.standard_normal((4, 3))[y] + rng.standard_normal((400, 3))
+    kw = dict(batch_size=32, latent_dim=10) if branch == "gram" else dict(batch_size=16, latent_dim=40)
+    cfg = itm.Config(dtype="float64", n=50, iterations=1, **kw)
+    plan = itm.make_plan(X, y, cfg)
+    loss, grads = itm._Model(X, plan, cfg).loss_and_grads(plan.params, plan.batches[0])
+    loss_t, grads_t = ref.loss_and_grads(X, plan, cfg, plan.params, plan.batches[0])
+    assert abs(loss - loss_t) <= 1e-9 and max(max_err(g, gt) for g, gt in zip(grads, grads_t)) <= 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = itm.itm_score(X, y, **{**SMALL, **kw, "iterations": 20})
+    assert not r.diverged and r.score > 25.0
+
+
+@pytest.mark.parametrize("pc_loss", ["mse", "mae", "ce"])
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_propagate_explicit_vs_torch(branch, pc_loss):
+    """Algorithm 1's loop (forward and hand-written backward) against autograd through literal GD on g."""
+    rng = np.random.default_rng(3)
+    theta = crafted_theta("unit_rows", branch, rng)
+    B, Z = theta.shape
+    y = rng.integers(0, Z, B)
+    Q = np.eye(Z)[y]
+    T = 0.1 + 0.3 * Q
+    dE = rng.standard_normal((B, Z))
+    n, eta, s = 25, 0.5, 1.0 / B  # a large η so the 25 steps move E visibly
+    E, backward = itm.propagate_explicit(theta, T, Q, n, eta, s, pc_loss, want_grad=True)
+    th = ref.t(theta).requires_grad_(True)
+    Et = ref.explicit_propagate(th, ref.t(T), ref.t(Q), n, eta, s, pc_loss)
+    (dth,) = torch.autograd.grad(Et, th, ref.t(dE))
+    assert max_err(E, Et.detach()) <= 1e-12
+    assert max_err(backward(dE), dth) <= 1e-10, max_err(backward(dE), dth)
+    assert max_err(E, theta) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# AdamW against torch.optim.AdamW.
+
+@pytest.mark.parametrize("hyper", [dict(lr=5e-3, wd=0.01, b1=0.9, b2=0.999, eps=1e-8),
+                                   dict(lr=0.03, wd=0.2, b1=0.5, b2=0.9, eps=1e-3),
+                                   dict(lr=1e-2, wd=0.1, b1=0.8, b2=0.95, eps=1e-6)])
+def test_adamw_vs_torch(hyper, backend):
+    rng = np.random.default_rng(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    params = [rng.standard_normal(s) for s in shapes]
+    moments = [(np.zeros(s), np.zeros(s)) for s in shapes]
+    tp = [torch.tensor(p, requires_grad=True) for p in params]
+    opt = torch.optim.AdamW(tp, lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"],
+                            weight_decay=hyper["wd"])
+    for step in range(1, 11):
+        grads = [rng.standard_normal(s) * 10.0 ** rng.integers(-6, 2) for s in shapes]
+        grads[1][0] = 0.0  # an exactly-zero gradient entry
+        for p, g, (m, v) in zip(params, grads, moments):
+            itm.adamw_step(p, g, m, v, hyper["lr"], hyper["wd"], hyper["b1"], hyper["b2"], hyper["eps"],
+                           step)
+        for p, g in zip(tp, grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+        for p, pt in zip(params, tp):
+            assert max_err(p, pt.detach()) <= 1e-14 * max(1.0, float(np.abs(p).max()))
+    for (m, v), pt in zip(moments, tp):
+        state = opt.state[pt]
+        assert max_err(m, state["exp_avg"]) <= 1e-14 * max(1.0, float(np.abs(m).max()))
+        assert max_err(v, state["exp_avg_sq"]) <= 1e-14 * max(1.0, float(np.abs(v).max()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A whole run (Algorithm 2) against the torch implementation.
+
+def whole_run(dtype, **kw):
+    X, y = blobs(5, N=400, D=20, K=5, sep=0.6, dtype=np.float64)
+    cfg = itm.Config(dtype=dtype, **{**SMALL, **kw})
+    plan = itm.make_plan(X, y, cfg)
+    traj, losses = itm.train(X, plan, cfg)
+    traj_t, losses_t = ref.algorithm2(X, plan, cfg)
+    one_sample = 100.0 / plan.score_idx.size
+    return plan, (traj, losses), (traj_t, losses_t), one_sample
+
+
+def test_whole_run_vs_torch_float64():
+    plan, (traj, losses), (traj_t, losses_t), one = whole_run("float64")
+    assert plan.n > 100  # the adaptive n, from the data
+    rel = np.abs(losses - losses_t) / np.abs(losses_t)
+    assert rel.max() <= 1e-10, rel.max()  # the issue asks for 1e-4; float64 gives ~1e-16
+    assert [t for t, _ in traj] == [t for t, _ in traj_t] == [10, 20, 30, 40, 50]
+    assert all(abs(a - b) <= one + 1e-9 for (_, a), (_, b) in zip(traj, traj_t)), (traj, traj_t)
+    assert losses[-1] < losses[0]  # it did learn something
+
+
+def test_whole_run_vs_torch_float32():
+    """Default dtype: our parameters, E_b W_z and E_bᵀdΘ are float32 (the spectral part is float64) while
+    the oracle is float64 throughout (from the same float32-rounded initial weights). Each step rounds at
+    ~6e-8 relative, and AdamW amplifies it (it divides by √v, so the relative error of a near-zero gradient
+    component becomes a comparable relative error of its O(lr) update) over 50 iterations: losses agree to
+    ~5e-8 relative here, not 1e-15, and the tolerance is 1e-5 (200× margin for other BLAS/CPU rounding)."""
+    plan, (traj, losses), (traj_t, losses_t), one = whole_run("float32")
+    assert plan.params[0].dtype == np.float32
+    rel = np.abs(losses - losses_t) / np.abs(losses_t)
+    assert rel.max() <= 1e-5, rel.max()
+    assert all(abs(a - b) <= one + 1e-9 for (_, a), (_, b) in zip(traj, traj_t)), (traj, traj_t)
+
+
+def test_whole_run_explicit_ce_vs_torch():
+    """mode="explicit" with L_pc = CE end to end (no closed form exists): our loop vs torch autograd."""
+    plan, (traj, losses), (traj_t, losses_t), one = whole_run("float64", mode="explicit", pc_loss="ce",
+                                                              iterations=10, eval_every=5, n=15)
+    assert np.abs(losses - losses_t).max() / np.abs(losses_t).max() <= 1e-9
+    assert all(abs(a - b) <= one + 1e-9 for (_, a), (_, b) in zip(traj, traj_t))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Algorithm 1 (explicit) vs Algorithm 2 (closed form).
+
+def test_explicit_mse_equals_closed():
+    X, y = blobs(2)
+    kw = dict(SMALL, dtype="float64", n=60)
+    closed = itm.itm_score(X, y, **kw)
+    explicit = itm.itm_score(X, y, mode="explicit", pc_loss="mse", **kw)
+    assert not closed.diverged and not explicit.diverged
+    assert np.abs(closed.losses - explicit.losses).max() <= 1e-9
+    assert closed.trajectory == explicit.trajectory and closed.score == explicit.score
+
+
+def test_explicit_mae_and_ce_differ():
+    X, y = blobs(2)
+    kw = dict(SMALL, n=60, mode="explicit")
+    runs = {loss: itm.itm_score(X, y, pc_loss=loss, **kw) for loss in ("mse", "mae", "ce")}
+    for r in runs.values():
+        assert not r.diverged and np.all(np.isfinite(r.losses)) and 0 <= r.score <= 100
+    for a, b in [("mse", "mae"), ("mse", "ce"), ("mae", "ce")]:
+        assert np.abs(runs[a].losses - runs[b].losses).max() > 1e-4, (a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# NumPy-only and numba paths.
+
+@pytest.mark.skipif(not itm.HAVE_NUMBA, reason="numba is not installed: only the NumPy path exists")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numpy_and_numba_paths_agree(dtype, monkeypatch):
+    X, y = blobs(4)
+    results = {}
+    for use in (True, False):
+        monkeypatch.setattr(itm, "USE_NUMBA", use)
+        results[use] = itm.itm_score(X, y, dtype=dtype, **SMALL)
+    a, b = results[True], results[False]
+    tol = 1e-10 if dtype == "float64" else 1e-5  # float32: the kernels round differently (~1e-7)
+    assert np.abs(a.losses - b.losses).max() <= tol * np.abs(a.losses).max()
+    assert a.n == b.n
+    one = 100.0 / (X.shape[0] // 5)
+    assert all(abs(p - q) <= one + 1e-9 for (_, p), (_, q) in zip(a.trajectory, b.trajectory))
+
+
+def write_npz(path, feats, labels=None):
+    arrays = dict(feats)
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def run_cli(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, str(ROOT / "itm.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+
+
+@pytest.mark.skipif(not itm.HAVE_NUMBA, reason="numba is not installed: only the NumPy path exists")
+def test_cli_without_numba_matches_in_process(tmp_path, monkeypatch):
+    feats = {f"m{i}": blobs(10 + i, sep=s)[0] for i, s in enumerate((0.2, 0.8))}
+    y = blobs(10)[1]
+    path = write_npz(tmp_path / "f.npz", feats, y)
+    proc = run_cli(["--features", path, "--json", "--quiet", "--iterations", "40", "--batch-size", "32",
+                    "--eval-every", "20"], {"ITM_NO_NUMBA": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    out = {r["model"]: r for r in json.loads(proc.stdout)["ranking"]}
+    monkeypatch.setattr(itm, "USE_NUMBA", True)
+    one = 100.0 / (y.size // 5)
+    for name, r in itm.rank(feats, y, iterations=40, batch_size=32, eval_every=20):
+        assert out[name]["n"] == r.n
+        assert abs(out[name]["score"] - r.score) <= one + 1e-9, (name, out[name]["score"], r.score)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds, sanity ranking, string labels.
+
+def test_same_seed_identical_different_seed_close():
+    X, y = blobs(6, N=600, sep=0.7)
+    kw = dict(iterations=150, batch_size=32, eval_every=50)
+    a, b = itm.itm_score(X, y, seed=3, **kw), itm.itm_score(X, y, seed=3, **kw)
+    assert (a.score, a.trajectory, a.n, a.diverged, a.note) == (b.score, b.trajectory, b.n, b.diverged,
+                                                                b.note)
+    assert np.array_equal(a.losses, b.losses)
+    others = [itm.itm_score(X, y, seed=s, **kw) for s in (4, 5)]
+    for c in others:  # another split, init and batch order: ~120 scoring samples, so ±2.5 points of noise
+        assert not np.array_equal(c.losses, a.losses)
+        assert abs(c.score - a.score) <= 10.0, (a.score, c.score)
+    assert len({a.score, *(c.score for c in others)}) > 1 or any(
+        c.trajectory != a.trajectory for c in others)
+
+
+def test_sanity_ranking_follows_separation():
+    y = blobs(20, N=480, K=8)[1]
+    rng = np.random.default_rng(21)
+    means = rng.standard_normal((8, 32))
+    feats = {f"sep{s}": (s * means[y] + rng.standard_normal((y.size, 32))).astype(np.float32)
+             for s in (0.1, 0.3, 0.6, 1.2)}
+    ranking = itm.rank(feats, y, iterations=100, batch_size=48, eval_every=50)
+    assert [name for name, _ in ranking] == ["sep1.2", "sep0.6", "sep0.3", "sep0.1"], ranking
+    scores = [r.score for _, r in ranking]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_string_labels_equal_integer_labels():
+    X, y = blobs(8)
+    names = np.array([f"class_{k:02d}" for k in range(6)])
+    a = itm.itm_score(X, y, **SMALL)
+    b = itm.itm_score(X, names[y], **SMALL)
+    c = itm.itm_score(X, y.astype(np.float64) + 10, **SMALL)  # integral floats are fine
+    assert (a.score, a.trajectory, a.n) == (b.score, b.trajectory, b.n) == (c.score, c.trajectory, c.n)
+    assert np.array_equal(a.losses, b.losses)
+    enc, classes = itm.encode_labels(names[y])
+    assert np.array_equal(enc, y) and list(classes) == list(names)
+    assert list(itm.make_plan(X, names[y], **SMALL).classes) == list(names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Divergence: never a chance-level score.
+
+def test_divergence_reported_not_scored():
+    X, y = blobs(9)
+    X = X * 1e4
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        r = itm.itm_score(X, y, normalize="none", **SMALL)
+    assert r.diverged and math.isnan(r.score) and r.trajectory == []
+    assert "2" in r.note or "finite" in r.note
+    # the normalised default is a contraction on the same features
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = itm.itm_score(X, y, **SMALL)
+    assert not ok.diverged and ok.score > 100 / 6
+    # in a ranking the diverged model comes last, with a warning naming it
+    with pytest.warns(RuntimeWarning, match="'huge'"):
+        ranking = itm.rank({"huge": X, "fine": X / 1e4}, y, normalize="none", **SMALL)
+    assert [name for name, _ in ranking] == ["fine", "huge"]
+    assert ranking[1][1].diverged and not ranking[0][1].diverged
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: ValueError naming the problem (API); one line on stderr and exit 1 (CLI).
+
+def bad_inputs():
+    X, y = blobs(11, N=300)
+    one_class = np.zeros(300, dtype=int)
+    single = y.copy()
+    single[0] = 99
+    nan, inf = X.copy(), X.copy()
+    nan[5, 3] = np.nan
+    inf[7, 1] = np.inf
+    few = np.concatenate([np.flatnonzero(y == k)[:5] for k in range(6)])  # 30 rows, 5 per class
+    return {
+        "n_mismatch": (X, y[:-1], r"N=300.*299"),
+        "nan": (nan, y, r"NaN or Inf"),
+        "inf": (inf, y, r"NaN or Inf"),
+        "one_class": (X, one_class, r"single class"),
+        "single_sample_class": (X, single, r"99.*single sample"),
+        "smaller_than_batch": (X[few], y[few], r"N=30.*batch_size"),
+        "float_labels": (X, y + 0.5, r"non-integer"),
+        "one_d_features": (X[:, 0], y, r"2-D"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs()))
+def test_bad_input_api(case):
+    X, y, pattern = bad_inputs()[case]
+    kw = dict(SMALL, batch_size=64) if case == "smaller_than_batch" else SMALL
+    with pytest.raises(ValueError, match=pattern):
+        itm.itm_score(X, y, **kw)
+    with pytest.raises(ValueError, match=pattern):
+        itm.rank({"m": X}, y, **kw)
+
+
+def test_bad_files_api(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        itm.load_features(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(ValueError, match="no model arrays"):
+        itm.load_features(str(tmp_path / "empty.npz"))
+    X, y = blobs(0)
+    write_npz(tmp_path / "nolabels.npz", {"m": X})
+    with pytest.raises(ValueError, match="labels"):
+        itm.load_features(str(tmp_path / "nolabels.npz"))
+
+
+def test_corrupt_file_named(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"this is not an npz file")
+    with pytest.raises(ValueError, match="junk.npz"):
+        itm.load_features(str(tmp_path / "junk.npz"))
+
+
+def assert_one_line_error(capsys, argv, pattern):
+    assert itm.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("itm: error:"), err
+    assert "Traceback" not in err
+    assert re.search(pattern, err), err
+
+
+@pytest.mark.parametrize("case", list(bad_inputs()))
+def test_bad_input_cli(case, tmp_path, capsys):
+    X, y, pattern = bad_inputs()[case]
+    path = write_npz(tmp_path / "f.npz", {"model": X}, y)
+    batch = "64" if case == "smaller_than_batch" else "32"
+    assert_one_line_error(capsys, ["--features", path, "--quiet", "--iterations", "5", "--batch-size", batch],
+                          pattern)
+
+
+def test_bad_files_cli(tmp_path, capsys):
+    np.savez(tmp_path / "empty.npz")
+    X, y = blobs(0)
+    write_npz(tmp_path / "ok.npz", {"m": X}, y)
+    np.save(tmp_path / "short.npy", y[:-3])
+    cases = [
+        (["--features", str(tmp_path / "missing.npz")], "not found"),
+        (["--features", str(tmp_path / "empty.npz")], "no model arrays"),
+        (["--features", str(tmp_path / "ok.npz"), "--labels", str(tmp_path / "nope.npy")], "not found"),
+        (["--features", str(tmp_path / "ok.npz"), "--labels", str(tmp_path / "short.npy")], r"N=360.*357"),
+        (["--features", str(tmp_path / "ok.npz"), "--models", "m,zzz"], "zzz"),
+        (["--features", str(tmp_path / "ok.npz"), "--truth", str(tmp_path / "none.json")], "not found"),
+        (["--batch-size", "1"], "batch_size"),
+        (["--labels", "y.npy"], "--features"),
+    ]
+    for argv, pattern in cases:
+        assert_one_line_error(capsys, argv + ["--quiet", "--iterations", "5", "--batch-size", "32"]
+                              if "--batch-size" not in argv else argv + ["--quiet"], pattern)
+    with pytest.raises(SystemExit) as exc:  # argparse errors: one line too, exit 1
+        itm.main(["--normalize", "bogus"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "normalize" in err
+
+
+def test_bad_input_subprocess_no_traceback(tmp_path):
+    X, y, _ = bad_inputs()["nan"]
+    path = write_npz(tmp_path / "nan.npz", {"model": X}, y)
+    for args, pattern, env in [(["--features", path], "NaN or Inf", {}),
+                               (["--features", str(tmp_path / "missing.npz")], "not found",
+                                {"ITM_NO_NUMBA": "1"})]:
+        proc = run_cli(args + ["--quiet"], env)
+        assert proc.returncode == 1
+        assert proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert pattern in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI outputs: --json, --out CSV, --truth (τ_w = scipy.stats.weightedtau).
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zoo")
+    y = blobs(30)[1]
+    rng = np.random.default_rng(31)
+    means = rng.standard_normal((6, 24))
+    seps = {"a": 0.15, "b": 0.4, "c": 0.8, "d": 0.3}
+    feats = {k: (s * means[y] + rng.standard_normal((y.size, 24))).astype(np.float32)
+             for k, s in seps.items()}
+    truth = {"a": 61.0, "b": 70.5, "c": 88.25, "d": 75.0}
+    (tmp / "truth.json").write_text(json.dumps(truth))
+    path = write_npz(tmp / "zoo.npz", feats, y)
+    argv = ["--features", path, "--quiet", "--iterations", "30", "--batch-size", "32", "--eval-every", "15"]
+    expected = itm.rank(feats, y, iterations=30, batch_size=32, eval_every=15)
+    return tmp, argv, expected, truth
+
+
+def test_cli_json_and_csv(zoo, capsys):
+    tmp, argv, expected, truth = zoo
+    out_csv = tmp / "ranking.csv"
+    assert itm.main(argv + ["--json", "--out", str(out_csv)]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert stderr == ""
+    doc = json.loads(stdout)
+    assert doc["source"].endswith("zoo.npz") and doc["weighted_tau"] is None
+    assert [r["model"] for r in doc["ranking"]] == [name for name, _ in expected]
+    for i, (row, (name, r)) in enumerate(zip(doc["ranking"], expected)):
+        assert row["rank"] == i + 1 and row["score"] == r.score and row["n"] == r.n
+        assert row["diverged"] is False
+        assert [tuple(p) for p in row["trajectory"]] == [tuple(p) for p in r.trajectory]
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["rank", "model", "score", "n", "seconds", "diverged"]
+    assert [(r[0], r[1], r[2], r[3], r[5]) for r in rows[1:]] == [
+        (str(i + 1), name, f"{r.score:.2f}", str(r.n), "False") for i, (name, r) in enumerate(expected)]
+    assert not list(tmp.glob("ranking.csv.tmp*"))
+
+
+def test_cli_truth_weighted_tau(zoo, capsys):
+    tmp, argv, expected, truth = zoo
+    assert itm.main(argv + ["--json", "--truth", str(tmp / "truth.json")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    scores = {row["model"]: row["score"] for row in doc["ranking"]}
+    names = sorted(truth)
+    tau = st.weightedtau([scores[k] for k in names], [truth[k] for k in names]).statistic
+    assert abs(doc["weighted_tau"] - tau) <= 1e-12, (doc["weighted_tau"], tau)
+    assert itm.main(argv + ["--truth", str(tmp / "truth.json")]) == 0  # the table reports it too
+    table = capsys.readouterr().out
+    assert f"{tau:.3f}" in table.splitlines()[-1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_tau_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(9)
+    y = np.round(rng.uniform(50, 95, 9)) if seed % 2 else rng.uniform(50, 95, 9)
+    if seed == 4:
+        x[3] = x[5]  # a tie in the scores
+    assert abs(itm.weighted_tau(x, y) - st.weightedtau(x, y).statistic) <= 1e-12
