@@ -12,7 +12,8 @@ Output. ``feats.npz`` holds one float16 (``--dtype float32`` to change) array pe
 (URL / file and sha256), pooling, preprocessing, feature dimension, device and images/s, plus the dataset,
 split and ``--limit``. Re-running with more models extracts only those not yet in the file; the npz is
 rewritten atomically (temporary file + ``os.replace``) after every model, so an interrupted run keeps every
-finished model and never leaves a truncated npz.
+finished model and never leaves a truncated npz (a ``kill -9`` during a write may leave a hidden
+``.feats.npz.tmp-PID`` beside it, safe to delete).
 
 Models (``--list`` prints them all).
 
