@@ -605,7 +605,7 @@ def _n_components_for_variance(lam, ratio):
 
 
 def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=10000,
-          max_components=None, log=True, seed=123):
+          max_components=None, max_dims=None, log=True, seed=123):
     """N-LEEP: LEEP on the posteriors of a Gaussian mixture fitted to PCA-reduced features.
 
     As google-research ``stable_transfer`` NLEEP: PCA keeping ``var_ratio`` of the variance
@@ -614,10 +614,10 @@ def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=100
     The SFDA family leaves the mixture unseeded (not reproducible), uses ratio 1 for food/pets
     and drops the log: ``log=False``.
 
-    Large inputs: EM costs O(iterations · N · K · d'²), hours for N = 50 000 and K = 500.
-    Above ``max_samples`` (default 10 000; None = never) the method runs on a seeded,
-    class-stratified subsample (mixture fit and score alike); ``max_components`` caps K.
-    Needs scikit-learn (extra ``baselines``).
+    Cost: EM is O(iterations · N · K · d'²) — hours for N = 50 000, K = 500, d' ≈ 200. Caps:
+    above ``max_samples`` (default 10 000) the method runs on a seeded, class-stratified
+    subsample (mixture fit and score alike); ``max_components`` caps K and ``max_dims`` caps d'
+    (both off by default). None disables a cap. Needs scikit-learn (extra ``baselines``).
     """
     try:
         from sklearn.mixture import GaussianMixture
@@ -629,14 +629,17 @@ def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=100
         idx = _stratified_subsample(y, C, int(max_samples), seed)
         X, y = X[idx], y[idx]
     c, lam, V = _pca_fit(X)
-    V = V[:, : _n_components_for_variance(lam, var_ratio)]
+    d = _n_components_for_variance(lam, var_ratio)
+    V = V[:, : d if max_dims is None else min(d, int(max_dims))]
     Z = np.concatenate([xb @ V for _, _, xb in _blocks(X, c)])
     K = int(round(component_ratio * C))
     if max_components is not None:
         K = min(K, int(max_components))
     K = max(1, min(K, len(y)))
-    gmm = GaussianMixture(n_components=K, random_state=seed).fit(Z)
-    return _leep_from_posteriors(gmm.predict_proba(Z), y, C, log)
+    with _one_blas_thread():              # EM is many small per-component LAPACK calls
+        gmm = GaussianMixture(n_components=K, random_state=seed).fit(Z)
+        posteriors = gmm.predict_proba(Z)
+    return _leep_from_posteriors(posteriors, y, C, log)
 
 
 # ============================================================================== PARC
@@ -1061,8 +1064,11 @@ def _lda_eigen(Z, y, C, shrinkage):
     return proj, lda.proba(Z - lda.center)
 
 
-def _lda_svd(Z, y, C, tol=1e-4):
-    """scikit-learn LDA(solver='svd'): (centred transform N×q, p(y|x) N×C)."""
+def _lda_svd(Z, y, C, biased, tol=1e-4):
+    """scikit-learn LDA(solver='svd'): (centred transform N×q, p(y|x) N×C).
+
+    The within-class whitening divides by N − C (scikit-learn < 1.9) or N (``biased``, 1.9+).
+    """
     N = len(y)
     counts = np.bincount(y, minlength=C).astype(np.float64)
     M = (_onehot(y, C).T @ Z) / counts[:, None]
@@ -1071,7 +1077,8 @@ def _lda_svd(Z, y, C, tol=1e-4):
     std = Xc.std(axis=0)
     std[std == 0] = 1.0
     with _one_blas_thread():
-        _, S, Vt = np.linalg.svd(math.sqrt(1.0 / (N - C)) * (Xc / std), full_matrices=False)
+        _, S, Vt = np.linalg.svd(math.sqrt(1.0 / (N if biased else N - C)) * (Xc / std),
+                                 full_matrices=False)
     r = int(np.sum(S > tol))
     whiten = (Vt[:r] / std).T / S[:r]                         # p×r, whitens pooled Sw
     xbar = priors @ M
@@ -1085,18 +1092,28 @@ def _lda_svd(Z, y, C, tol=1e-4):
     return proj_all[:, : min(C - 1, Z.shape[1])], _softmax(logits)
 
 
-def ncti_parts(features, labels, *, n_components=64):
+def ncti_parts(features, labels, *, n_components=64, svd_covariance="unbiased"):
     """NCTI's per-model parts ``{"seli", "ncc", "vc"}`` (BUserName/NCTI ``NCTI_Score``).
 
     X₆₄ = PCA(64) (exact); temp = max(exp(−Σ top-32 PCA variances), 1e-10); LDA =
     scikit-learn's 'svd' solver if temp == 1e-10 else 'eigen' with shrinkage temp (both
     reimplemented); seli = nuclear norm of the centred LDA projection, ncc = mean p(y_i|x_i),
     vc = log Σ_c ‖P_c‖_* over the rows of each class. Rank models with ``combine("ncti", ...)``.
+
+    The 'svd' solver (typical for real features, whose top-32 variances sum past 23) whitens
+    by the pooled within-class covariance /(N − C) in the scikit-learn releases NCTI's results
+    were computed with (``svd_covariance="unbiased"``, default) and /N since scikit-learn 1.9
+    (PR #33626, ``"biased"``); seli changes by a common factor, ncc slightly.
     """
+    if svd_covariance not in ("unbiased", "biased"):
+        raise ValueError(f"svd_covariance must be 'unbiased' or 'biased', got {svd_covariance!r}")
     X, y, C = _check_inputs(features, labels)
     Z, var = _pca(X, min(n_components, *X.shape))
     temp = max(math.exp(-float(var[:32].sum())), 1e-10)
-    proj, P = _lda_svd(Z, y, C) if temp == 1e-10 else _lda_eigen(Z, y, C, temp)
+    if temp == 1e-10:
+        proj, P = _lda_svd(Z, y, C, biased=svd_covariance == "biased")
+    else:
+        proj, P = _lda_eigen(Z, y, C, temp)
     proj -= proj.mean(axis=0)
     seli = float(_svdvals(proj).sum())
     ncc = float(P[np.arange(len(y)), y].sum() / len(y))

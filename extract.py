@@ -81,6 +81,47 @@ with ImageNet mean/std. The SSL ViTs (and any model without torchvision weights)
 CenterCrop(224) + ImageNet mean/std. Images are converted to RGB first. ``--list`` prints the preprocessing
 of the paper's models and the SFDA CNNs; the sidecar records the transform of every extracted model.
 
+Dense features (``--dense``, for semantic segmentation, SPEC section 5): one N x h x w x D array per model
+(float16 unless ``--dtype float32``) and ``labels`` (uint8, 255 = ignore)::
+
+    python extract.py --dense --models resnet18,dino_vitb16 --dataset voc2012 --root DATA --split train \
+        --out seg.npz
+    python itm.py --features seg.npz
+
+* ViTs: the patch tokens after the final norm, without the class token, reshaped to the h x w patch grid
+  (14 x 14 for /16 at 224). SSL ViTs are built as for ``--pool cls``, so a pre-training checkpoint keeps its
+  own final token ``norm`` (MAE/SimMIM included); a checkpoint with only ``fc_norm`` (MAE/SimMIM fine-tuned)
+  gets that LayerNorm applied to every token. ``--pool`` does not apply.
+* CNNs: the last convolutional feature map, before global pooling, channels last (resnet18 at 224: 7 x 7 x
+  512): the input of the global average pool for the models that have one as ``avgpool`` (ResNet/ResNeXt,
+  RegNet, EfficientNet, MobileNetV3, GoogLeNet, Inception, ConvNeXt, Swin), ``features`` (+ the final ReLU
+  for DenseNet) for MobileNetV2 / DenseNet / SqueezeNet / VGG / AlexNet, ``layers`` for MNASNet, the trunk
+  up to ``conv5`` for ShuffleNetV2, ``stem`` + ``blocks`` for MaxViT. For the models whose classification
+  feature is the global average pool (ResNet, DenseNet, MobileNetV2, EfficientNet, MNASNet, ...), its spatial
+  mean is that feature; for VGG / AlexNet / MobileNetV3 / ConvNeXt / MaxViT there is a layer between.
+* Geometry: all models of a file see the same pixels, so that one label map serves them all: the image and
+  its mask are resized (shorter side to ``--size``, default 224; masks with nearest neighbour, images with
+  the model's own interpolation) and center-cropped to ``--size`` x ``--size``; then the image gets the
+  model's normalisation (mean/std). Unlike classification, there is no 256 -> 224 margin. ViTs need
+  ``--size`` = their image size (224).
+* ``labels``: the transformed masks reduced to the feature grid h x w of the models by the per-cell majority
+  of labelled pixels (``itm.downsample_labels``: ties to the smaller class, 255 where a cell has no
+  labelled pixel). When the models of a file have different grids (ViT-B/16: 14 x 14, resnet18: 7 x 7),
+  ``labels`` holds the full-resolution transformed maps (N x size x size) instead and ``itm.py``
+  downsamples them to each model's grid by the same rule; a resume that adds a model with another grid
+  switches the file to full-resolution maps. The sidecar says which (``dense``, ``label_maps``: ``grid`` or
+  ``full``, ``h``, ``w`` of ``labels``, ``size``; per model ``h``, ``w``, ``dim``).
+* Datasets: ``voc2012`` / ``voc2007`` (``torchvision.datasets.VOCSegmentation``, ``--split`` train, val,
+  trainval, and test for 2007; ``--download`` works where the VOC server does; 255 = the object borders),
+  ``cityscapes`` (``torchvision.datasets.Cityscapes``, fine annotations, ``target_type="semantic"``, split
+  train/val; no download: registration is needed; the label ids are mapped to the 19 train ids of
+  cityscapesScripts (road 0 ... bicycle 18), every class with train id 255 or -1 (unlabeled, ego vehicle,
+  rectification border, out of roi, static, dynamic, ground, parking, rail track, guard rail, bridge, tunnel,
+  polegroup, caravan, trailer, license plate) -> 255; files sorted by name), and ``segfolder``:
+  ``--root DIR`` (or ``DIR/SPLIT`` if that holds ``images/``) with ``DIR/images/*.{jpg,jpeg,png}`` and
+  ``DIR/masks/<same stem>.png``, single-channel masks (L, P or I mode) whose pixel values are class ids
+  0..254, 255 = ignore. ``--limit`` picks the same seeded subset as for classification.
+
 Device: CUDA when available (``--device`` to choose), with autocast (bfloat16 where the GPU supports it, else
 float16), channels_last and pinned memory; CPU runs in float32. Progress on stderr (tqdm if installed, a
 plain counter otherwise); results on stdout. Bad input (unknown model / dataset, missing root, checkpoint
@@ -271,10 +312,14 @@ class ViTFeatures(nn.Module):
             for block in vit.encoder.layers:
                 block.self_attention = _BiasedAttention(dim, heads, self.rel_pos_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens (class token first) after the encoder and its final norm: B x (1 + h*w) x D."""
         x = self.vit._process_input(x)
         cls = self.vit.class_token.expand(x.shape[0], -1, -1)
-        x = self.vit.encoder(torch.cat([cls, x], dim=1))
+        return self.vit.encoder(torch.cat([cls, x], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(x)
         x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
         return self.post_norm(x)
 
@@ -562,6 +607,85 @@ def build_model(name: str, *, checkpoint: str | Path | None = None, arch: str | 
     return _build_torchvision(arch, ckpt, random_init, pool)
 
 
+# -------------------------------------------------------------------------------------- dense features
+
+class DenseViT(nn.Module):
+    """ViTFeatures -> its patch tokens after the final norm, without the class token: B x h x w x D.
+
+    Models whose final LayerNorm follows the pooling (MAE/SimMIM fine-tuned ``fc_norm``) get it per token.
+    """
+
+    def __init__(self, features: ViTFeatures):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.features.tokens(x)[:, 1:]
+        if isinstance(self.features.post_norm, nn.LayerNorm):
+            t = self.features.post_norm(t)
+        patch = self.features.vit.patch_size
+        return t.reshape(x.shape[0], x.shape[-2] // patch, x.shape[-1] // patch, t.shape[-1])
+
+
+class _ToChannelsLast(nn.Module):
+    """A trunk B x C x h x w -> B x h x w x C."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).permute(0, 2, 3, 1)
+
+
+class _PoolInput(nn.Module):
+    """Runs the whole model and returns the input of its global average pool (``avgpool``), channels last."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self._grabbed = model, None
+        model.avgpool.register_forward_pre_hook(self._grab)
+
+    def _grab(self, module, args):
+        self._grabbed = args[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._grabbed = None
+        self.model(x)
+        out, self._grabbed = self._grabbed, None
+        return out.permute(0, 2, 3, 1)
+
+
+def _is_global_pool(module) -> bool:
+    return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+
+
+def dense_model(model: nn.Module, arch: str) -> nn.Module:
+    """A model of ``build_model`` -> images B x 3 x H x W to its dense features B x h x w x D (see the
+    module docstring: ViT patch tokens, or the last CNN feature map before global pooling)."""
+    tv = torchvision.models
+    if isinstance(model, ViTFeatures):
+        return DenseViT(model)
+    if isinstance(model, tv.DenseNet):  # forward: features -> F.relu -> pool
+        return _ToChannelsLast(nn.Sequential(model.features, nn.ReLU()))
+    if isinstance(model, (tv.MobileNetV2, tv.VGG, tv.AlexNet, tv.SqueezeNet)):
+        return _ToChannelsLast(model.features)
+    if isinstance(model, tv.MNASNet):
+        return _ToChannelsLast(model.layers)
+    if isinstance(model, tv.ShuffleNetV2):
+        return _ToChannelsLast(nn.Sequential(model.conv1, model.maxpool, model.stage2, model.stage3,
+                                             model.stage4, model.conv5))
+    if isinstance(model, tv.MaxVit):
+        return _ToChannelsLast(nn.Sequential(model.stem, *model.blocks))
+    if _is_global_pool(getattr(model, "avgpool", None)):
+        return _PoolInput(model)
+    raise ExtractError(f"--dense: no feature map known for {arch}")
+
+
+def _vit_image_size(model: nn.Module) -> int | None:
+    return model.vit.image_size if isinstance(model, ViTFeatures) else None
+
+
 # --------------------------------------------------------------------------------------------- datasets
 
 TORCHVISION_DATASETS = {
@@ -631,6 +755,8 @@ def _torchvision_dataset(name: str, root: Path, split: str, download: bool):
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train", download: bool = False,
                  limit: int | None = None, fake_size: int = 100):
     """A dataset of (untransformed image, int label) items, and the split actually used."""
+    if name in SEG_DATASETS:
+        raise ExtractError(f"{name} is a segmentation dataset: use --dense")
     if name.endswith(".npz") or name == "npz":
         path = Path(root if name == "npz" else name)
         if not path.is_file():
@@ -677,6 +803,145 @@ class _Transformed(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label = self.base[i]
         return self.transform(_to_rgb(img)), int(label)
+
+
+# ------------------------------------------------------------------------------- segmentation datasets
+
+SEG_DATASETS = ["voc2012", "voc2007", "cityscapes", "segfolder"]
+IGNORE = 255  # label-map value of unlabelled pixels (as in itm.py)
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_MASK_MODES = ("L", "P", "I", "I;16", "1")
+
+
+def _mask_image(mask, lut: np.ndarray | None = None, name: str = "mask"):
+    """A single-channel mask of class ids (255 = ignore) -> a PIL 'L' image, through `lut` if given."""
+    from PIL import Image
+    if isinstance(mask, Image.Image):
+        if mask.mode not in _MASK_MODES:
+            raise ExtractError(f"{name} has mode {mask.mode}: masks must be single-channel class ids "
+                               "(0..254, 255 = ignore)")
+        mask = np.asarray(mask)
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ExtractError(f"{name} has shape {mask.shape}: masks must be single-channel class ids")
+    if lut is not None:
+        mask = lut[mask.astype(np.int64) % len(lut)]
+    elif mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > IGNORE):
+            raise ExtractError(f"{name} holds values outside 0..255")
+        mask = mask.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # 2-D uint8: mode L
+
+
+def cityscapes_lut() -> np.ndarray:
+    """Cityscapes label id (0..33; -1 = license plate, read as 255) -> train id (0..18), 255 for the rest."""
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    for c in torchvision.datasets.Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < IGNORE:
+            lut[c.id] = c.train_id
+    return lut
+
+
+class SegFolder(torch.utils.data.Dataset):
+    """``root/images/*.{jpg,jpeg,png}`` with ``root/masks/<same stem>.png``: (RGB image, 'L' mask) items."""
+
+    def __init__(self, root: str | Path):
+        from PIL import Image
+        root = Path(root)
+        images_dir, masks_dir = root / "images", root / "masks"
+        for d in (images_dir, masks_dir):
+            if not d.is_dir():
+                raise ExtractError(f"segfolder {root}: no {d.name}/ folder")
+        images = sorted(f for f in images_dir.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+        if not images:
+            raise ExtractError(f"segfolder {root}: no .jpg/.png images in {images_dir}")
+        stems = [f.stem for f in images]
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        if dup:
+            raise ExtractError(f"segfolder {root}: several images named {_names(dup, 3)}")
+        masks = [masks_dir / f"{f.stem}.png" for f in images]
+        missing = [m.name for m in masks if not m.is_file()]
+        if missing:
+            raise ExtractError(f"segfolder {root}: {len(missing)} images without a mask in {masks_dir}: "
+                               f"{_names(missing, 3)}")
+        for img, mask in zip(images, masks):  # headers only: cheap, and errors come before any model runs
+            try:
+                with Image.open(img) as a, Image.open(mask) as b:
+                    size_a, size_b, mode = a.size, b.size, b.mode
+            except Exception as exc:
+                raise ExtractError(f"segfolder {root}: cannot read {img.name} / {mask.name}: "
+                                   f"{_first_line(exc)}") from None
+            if mode not in _MASK_MODES:
+                raise ExtractError(f"mask {mask} has mode {mode}: masks must be single-channel class ids "
+                                   "(0..254, 255 = ignore)")
+            if size_a != size_b:
+                raise ExtractError(f"segfolder {root}: {img.name} is {size_a[0]}x{size_a[1]} but its mask "
+                                   f"is {size_b[0]}x{size_b[1]}")
+        self.images, self.masks = images, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.images[i]) as img, Image.open(self.masks[i]) as mask:
+            return img.convert("RGB"), _mask_image(mask, name=f"mask {self.masks[i]}")
+
+
+class _SegPairs(torch.utils.data.Dataset):
+    """A torchvision segmentation dataset -> (RGB image, 'L' mask of class ids) items."""
+
+    def __init__(self, base, lut: np.ndarray | None = None):
+        self.base, self.lut = base, lut
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, mask = self.base[i]
+        return _to_rgb(img), _mask_image(mask, self.lut)
+
+
+def load_seg_dataset(name: str, root: str | Path | None = None, split: str = "train", download: bool = False,
+                     limit: int | None = None):
+    """A dataset of (RGB image, 'L' mask: class ids, 255 = ignore) items, and the split actually used."""
+    if name not in SEG_DATASETS:
+        raise ExtractError(f"--dense needs a segmentation dataset ({', '.join(SEG_DATASETS)}), not {name!r}")
+    if root is None:
+        raise ExtractError(f"--root is required for dataset {name}")
+    root = Path(root)
+    if not root.exists() and not (download and name.startswith("voc")):
+        raise ExtractError(f"--root {root} does not exist")
+    if name == "segfolder":
+        folder = root / split if (root / split / "images").is_dir() else root
+        ds = SegFolder(folder)
+        split = split if folder != root else "all"
+    elif name.startswith("voc"):
+        year = name[3:]
+        splits = ("train", "val", "trainval") + (("test",) if year == "2007" else ())
+        if split not in splits:
+            raise ExtractError(f"{name}: unknown split {split!r}; valid: {', '.join(splits)}")
+        try:
+            base = torchvision.datasets.VOCSegmentation(str(root), year=year, image_set=split, download=download)
+        except Exception as exc:
+            raise ExtractError(f"{name} under {root}: {_first_line(exc)}") from None
+        ds = _SegPairs(base)
+    else:
+        if download:
+            raise ExtractError("cityscapes cannot be downloaded by torchvision (registration at "
+                               "https://www.cityscapes-dataset.com); unpack leftImg8bit/ and gtFine/ under --root")
+        if split not in ("train", "val"):
+            raise ExtractError(f"cityscapes: unknown split {split!r}; valid: train, val")
+        try:
+            base = torchvision.datasets.Cityscapes(str(root), split=split, mode="fine", target_type="semantic")
+        except Exception as exc:
+            raise ExtractError(f"cityscapes under {root}: {_first_line(exc)}") from None
+        order = sorted(range(len(base.images)), key=lambda i: base.images[i])  # os.listdir order is arbitrary
+        base.images, base.targets = [base.images[i] for i in order], [base.targets[i] for i in order]
+        ds = _SegPairs(base, cityscapes_lut())
+    if len(ds) == 0:
+        raise ExtractError(f"{name} under {root}: no images")
+    return _limit(ds, limit), split
 
 
 # ------------------------------------------------------------------------------------------- extraction
@@ -778,6 +1043,98 @@ def _cast(feats: np.ndarray, dtype: str, name: str) -> np.ndarray:
     return feats.astype(dtype)
 
 
+class DenseTransform:
+    """(image, mask) -> (normalised image tensor 3 x S x S, uint8 mask tensor S x S): the same resize (shorter
+    side to S; the image with the model's interpolation, the mask with nearest neighbour) and center crop
+    for both, then the model's mean/std for the image."""
+
+    def __init__(self, size: int, interpolation=T.InterpolationMode.BILINEAR, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        self.size, self.interpolation, self.mean, self.std = int(size), interpolation, tuple(mean), tuple(std)
+        self.image = T.Compose([T.Resize(self.size, interpolation=interpolation), T.CenterCrop(self.size)])
+        self.mask = T.Compose([T.Resize(self.size, interpolation=T.InterpolationMode.NEAREST),
+                               T.CenterCrop(self.size)])
+        self.normalise = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def __call__(self, img, mask):
+        if img.size != mask.size:
+            raise ExtractError(f"image is {img.size[0]}x{img.size[1]} but its mask {mask.size[0]}x{mask.size[1]}")
+        img, mask = self.image(img), self.mask(mask)
+        return self.normalise(img), torch.from_numpy(np.array(mask, dtype=np.uint8))
+
+    def __repr__(self) -> str:
+        return (f"Resize({self.size}, {self.interpolation.value}) + CenterCrop({self.size}) [masks: "
+                f"Resize({self.size}, nearest) + CenterCrop({self.size})] + mean {self.mean} std {self.std}")
+
+
+def dense_transform(transform, size: int = 224) -> DenseTransform:
+    """The dense (image, mask) transform at `size` with the interpolation and mean/std of a model's
+    classification `transform` (torchvision ``weights.transforms()`` or a ``T.Compose``)."""
+    interp, mean, std = T.InterpolationMode.BILINEAR, IMAGENET_MEAN, IMAGENET_STD
+    if all(hasattr(transform, a) for a in ("interpolation", "mean", "std")):  # torchvision ImageClassification
+        interp, mean, std = transform.interpolation, transform.mean, transform.std
+    elif isinstance(transform, T.Compose):
+        for t in transform.transforms:
+            if isinstance(t, T.Resize):
+                interp = t.interpolation
+            elif isinstance(t, T.Normalize):
+                mean, std = t.mean, t.std
+    return DenseTransform(size, interp, mean, std)
+
+
+class _DensePairs(torch.utils.data.Dataset):
+    def __init__(self, base, transform: DenseTransform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, mask = self.base[i]
+        return self.transform(_to_rgb(img), mask)
+
+
+def run_dense(model: nn.Module, transform: DenseTransform, dataset, *, batch_size: int = 64, workers: int = 0,
+              device: str = "auto", dtype: str = "float16", desc: str = "extract", progress: bool = True):
+    """Dense features (`dtype`, N x h x w x D), transformed label maps (uint8, N x S x S) and images/s of
+    `model` (a ``dense_model``) over a dataset of (image, mask) items in order."""
+    if dtype not in ("float16", "float32"):
+        raise ExtractError(f"--dtype must be float16 or float32, not {dtype!r}")
+    dev = resolve_device(device)
+    model = model.eval().to(dev)
+    amp = autocast_dtype(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    loader = torch.utils.data.DataLoader(
+        _DensePairs(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=dev.type == "cuda")
+    feats, maps, bar, n = None, None, _Progress(len(dataset), desc, progress), 0
+    ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), ctx:
+            for x, m in loader:
+                x = x.to(dev, non_blocking=True)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                f = model(x).float().cpu().numpy()
+                if dtype == "float16" and np.abs(f).max(initial=0) > np.finfo(np.float16).max:
+                    raise ExtractError(f"{desc}: features exceed the float16 range; use --dtype float32")
+                if feats is None:  # preallocated in the output dtype: N x h x w x D float32 can be GBs
+                    feats = np.empty((len(dataset), *f.shape[1:]), dtype=dtype)
+                    maps = np.empty((len(dataset), *m.shape[1:]), dtype=np.uint8)
+                feats[n:n + len(f)], maps[n:n + len(f)] = f, m.numpy()
+                n += len(f)
+                bar.update(len(f))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if feats is None:
+        raise ExtractError("the dataset is empty")
+    return feats, maps, len(dataset) / seconds
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 def _atomic_write(path: Path, write: Callable) -> None:
@@ -821,7 +1178,10 @@ def write_output(out: str | Path, arrays: dict, meta: dict) -> None:
 
 def _check_same_data(meta: dict, want: dict, out: Path) -> None:
     """Resuming onto features of other images would silently misalign rows: refuse."""
-    for key in ("dataset", "split", "limit"):
+    if meta and bool(meta.get("dense", False)) != bool(want.get("dense", False)):
+        kind = "dense" if meta.get("dense") else "classification"
+        raise ExtractError(f"{out} holds {kind} features; use another --out")
+    for key in want:
         if key in meta and meta[key] != want[key]:
             raise ExtractError(f"{out} holds features of {key}={meta[key]!r}, not {want[key]!r}; "
                                "use another --out")
@@ -836,12 +1196,7 @@ def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, root=Non
     arrays, meta = read_output(out)
     want = {"dataset": dataset, "split": split, "limit": limit}
     _check_same_data(meta, want, out)
-    todo = [m for m in models if m not in arrays]
-    for m in todo:  # fail on a bad name or file before any dataset is read
-        if checkpoint is None and m not in SSL_VITS and m not in torchvision_models():
-            raise ExtractError(f"unknown model {m!r}; valid: {', '.join(available_models())}")
-    if todo and checkpoint is not None and not Path(checkpoint).is_file():
-        raise ExtractError(f"checkpoint {checkpoint} does not exist")
+    todo = _todo(models, arrays, checkpoint)
     if not todo:
         return arrays, []
     ds, used_split = load_dataset(dataset, root, split, download, limit)
@@ -859,6 +1214,17 @@ def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, root=Non
     return arrays, todo
 
 
+def _todo(models: list[str], arrays: dict, checkpoint) -> list[str]:
+    """The models not yet in the output; fails on a bad name or file before any dataset is read."""
+    todo = [m for m in models if m not in arrays]
+    for m in todo:
+        if checkpoint is None and m not in SSL_VITS and m not in torchvision_models():
+            raise ExtractError(f"unknown model {m!r}; valid: {', '.join(available_models())}")
+    if todo and checkpoint is not None and not Path(checkpoint).is_file():
+        raise ExtractError(f"checkpoint {checkpoint} does not exist")
+    return todo
+
+
 def _extract_one(name, ds, checkpoint, arch, pool, random_init, batch_size, workers, device, progress):
     model, transform, info = build_model(name, checkpoint=checkpoint, arch=arch, pool=pool,
                                          random_init=random_init)
@@ -873,13 +1239,110 @@ def _extract_one(name, ds, checkpoint, arch, pool, random_init, batch_size, work
     return feats, labels, info
 
 
+def grid_labels(maps: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Label maps N x H x W -> N x h x w (uint8): per-cell majority of labelled pixels, 255 where a cell has
+    none -- the rule of ``itm.downsample_labels``, which itm.py applies to full-resolution maps."""
+    import itm  # NumPy only
+    return itm.downsample_labels(maps, h, w).astype(np.uint8)
+
+
+def _dense_labels(full: np.ndarray, grids: list[tuple[int, int]]) -> tuple[np.ndarray, dict]:
+    """``labels`` for a file whose models have feature grids `grids` (first model first), and its sidecar."""
+    if len(set(grids)) == 1:
+        h, w = grids[0]
+        return grid_labels(full, h, w), {
+            "label_maps": "grid", "h": h, "w": w,
+            "label_maps_note": f"transformed masks reduced to the {h}x{w} feature grid by the per-cell "
+                               "majority of labelled pixels (itm.downsample_labels); 255 = no labelled pixel"}
+    h, w = full.shape[1:]
+    return full, {"label_maps": "full", "h": h, "w": w,
+                  "label_maps_note": "the models' feature grids differ (" + ", ".join(
+                      f"{a}x{b}" for a, b in dict.fromkeys(grids)) + f"): full-resolution {h}x{w} transformed "
+                      "masks, which itm.py downsamples to each model's grid; 255 = ignore"}
+
+
+def _same_label_maps(stored: np.ndarray, full: np.ndarray) -> bool:
+    """Whether `stored` labels (grid or full resolution) come from the full-resolution maps `full`."""
+    if stored.ndim != 3 or len(stored) != len(full):
+        return False
+    if stored.shape == full.shape:
+        return np.array_equal(stored, full)
+    try:
+        return np.array_equal(grid_labels(full, *stored.shape[1:]), stored)
+    except ValueError:
+        return False
+
+
+def extract_dense_to_npz(models: list[str], dataset: str, out: str | Path, *, root=None, split: str = "train",
+                         download: bool = False, limit: int | None = None, size: int = 224, checkpoint=None,
+                         arch=None, random_init: bool = False, batch_size: int = 64, workers: int = 0,
+                         device: str = "auto", dtype: str = "float16",
+                         progress: bool = True) -> tuple[dict, list[str]]:
+    """``--dense``: N x h x w x D features of every model not yet in `out` and the label maps (see the module
+    docstring), saved after each model. Returns (arrays, models extracted)."""
+    out = Path(out)
+    if size < 1:
+        raise ExtractError("--size must be >= 1")
+    arrays, meta = read_output(out)
+    want = {"dataset": dataset, "split": split, "limit": limit, "dense": True, "size": size}
+    _check_same_data(meta, want, out)
+    if any(arrays[k].ndim != 4 for k in arrays if k != "labels"):
+        raise ExtractError(f"{out} holds classification features; use another --out")
+    todo = _todo(models, arrays, checkpoint)
+    if not todo:
+        return arrays, []
+    ds, used_split = load_seg_dataset(dataset, root, split, download, limit)
+    meta = {**want, "split_used": used_split, "root": str(root) if root else None, "n": len(ds),
+            "models": meta.get("models", {})}
+    full = None
+    for name in todo:
+        feats, maps, info = _extract_dense_one(name, ds, size, checkpoint, arch, random_init, batch_size,
+                                               workers, device, dtype, progress)
+        if full is None and "labels" in arrays and not _same_label_maps(arrays["labels"], maps):
+            raise ExtractError(f"label maps differ from those in {out}: not the same images; use another --out")
+        if full is not None and not np.array_equal(full, maps):
+            raise ExtractError(f"{name}: label maps differ from those of {todo[0]}")
+        full = maps
+        n, h, w, dim = feats.shape
+        arrays = {**{k: v for k, v in arrays.items() if k != "labels"}, name: feats}
+        labels, label_meta = _dense_labels(full, [tuple(v.shape[1:3]) for v in arrays.values()])
+        arrays["labels"] = labels
+        meta.update(label_meta)
+        meta["models"][name] = {**info, "dtype": dtype, "dim": int(dim), "h": int(h), "w": int(w)}
+        write_output(out, arrays, meta)
+        print(f"{name}\t{n}x{h}x{w}x{dim}\t{info['images_per_s']:.1f} images/s")
+    return arrays, todo
+
+
+def _extract_dense_one(name, ds, size, checkpoint, arch, random_init, batch_size, workers, device, dtype,
+                       progress):
+    vit = (arch or name) in SSL_VITS
+    model, transform, info = build_model(name, checkpoint=checkpoint, arch=arch, pool="cls" if vit else None,
+                                         random_init=random_init)
+    image_size = _vit_image_size(model)
+    if image_size is not None and image_size != size:
+        raise ExtractError(f"{name} takes {image_size}x{image_size} images: use --size {image_size}")
+    dense = dense_model(model, arch or name)
+    pairs = dense_transform(transform, size)
+    feats, maps, ips = run_dense(dense, pairs, ds, batch_size=batch_size, workers=workers, device=device,
+                                 dtype=dtype, desc=name, progress=progress)
+    dev = resolve_device(device)
+    info.update(pool="patch tokens" if image_size is not None else "feature map before global pooling",
+                transform=repr(pairs), images_per_s=round(ips, 2), device=str(dev),
+                autocast=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
+    del model, dense
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return feats, maps, info
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extract.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="", help="comma-separated model names (--list shows them)")
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}; with --dense: {', '.join(SEG_DATASETS)}")
     p.add_argument("--root", help="dataset directory (or the .npz for --dataset npz)")
     p.add_argument("--split", default="train")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
@@ -894,6 +1357,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="local weights file (with --arch)")
     p.add_argument("--arch", help="architecture of --checkpoint: a torchvision name or an SSL ViT name")
     p.add_argument("--random-init", action="store_true", help="no weights (tests, timing)")
+    p.add_argument("--dense", action="store_true",
+                   help=f"dense features N x h x w x D and label maps, for segmentation ({', '.join(SEG_DATASETS)})")
+    p.add_argument("--size", type=int, help="--dense: resize (shorter side) + center crop to SIZE x SIZE "
+                                            "(default 224)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--list", action="store_true", help="list models and datasets, then exit")
     return p
@@ -916,6 +1383,7 @@ def _run_cli(args) -> int:
     if args.list:
         print("models:", " ".join(available_models()))
         print("datasets:", " ".join(DATASETS))
+        print("segmentation datasets (--dense):", " ".join(SEG_DATASETS))
         print("preprocessing of the paper's models and the SFDA CNNs:")
         for name in dict.fromkeys(PAPER_MODELS + SFDA_CNNS):
             print(f"  {name:15s} {preprocessing(name)}")
@@ -925,11 +1393,22 @@ def _run_cli(args) -> int:
     names = _model_names(args)
     if args.checkpoint is not None and args.arch is not None and args.arch not in available_models():
         raise ExtractError(f"unknown model {args.arch!r}; valid: {', '.join(available_models())}")
-    arrays, done = extract_to_npz(
-        names, args.dataset, args.out, root=args.root, split=args.split, download=args.download,
-        limit=args.limit, checkpoint=args.checkpoint, arch=args.arch, pool=args.pool,
-        random_init=args.random_init, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        dtype=args.dtype, progress=not args.quiet)
+    if args.dense:
+        if args.pool is not None:
+            raise ExtractError("--pool does not apply to --dense (ViTs give their patch tokens)")
+        arrays, done = extract_dense_to_npz(
+            names, args.dataset, args.out, root=args.root, split=args.split, download=args.download,
+            limit=args.limit, size=224 if args.size is None else args.size, checkpoint=args.checkpoint,
+            arch=args.arch, random_init=args.random_init, batch_size=args.batch_size, workers=args.workers,
+            device=args.device, dtype=args.dtype, progress=not args.quiet)
+    else:
+        if args.size is not None:
+            raise ExtractError("--size applies to --dense only")
+        arrays, done = extract_to_npz(
+            names, args.dataset, args.out, root=args.root, split=args.split, download=args.download,
+            limit=args.limit, checkpoint=args.checkpoint, arch=args.arch, pool=args.pool,
+            random_init=args.random_init, batch_size=args.batch_size, workers=args.workers,
+            device=args.device, dtype=args.dtype, progress=not args.quiet)
     if args.labels_out:
         Path(args.labels_out).parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(Path(args.labels_out), lambda f: np.save(f, arrays["labels"]))

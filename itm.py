@@ -384,63 +384,66 @@ def _chunks(rows, D):
     return (rows[start:start + step] for start in range(0, rows.size, step))
 
 
-def _class_sums_np(E, rows, y, K):
-    """Per-class sums (K×D), per-dimension sums of x and x² around x₀ (D), for the given rows."""
-    D = E.shape[1]
-    sums, s1, s2 = np.zeros((K, D)), np.zeros(D), np.zeros(D)
-    x0 = E[rows[0]].astype(np.float64)  # shifting by one sample keeps Σx² − (Σx)²/N well-conditioned
-    rows = rows[np.argsort(y[rows], kind="stable")]     # class-contiguous, so sums are segment sums
-    for r in _chunks(rows, D):
-        X = E[r].astype(np.float64)                      # chunk×D
-        heads = np.flatnonzero(np.r_[True, y[r][1:] != y[r][:-1]])
-        sums[y[r][heads]] += np.add.reduceat(X, heads, axis=0)
-        X -= x0
-        s1 += X.sum(axis=0)
-        s2 += np.einsum("nd,nd->d", X, X)
-    return sums, s1, s2, x0
+_F16 = []  # float16 → float32 lookup table (65,536 entries, 256 KB), built on first use
 
 
-def _class_sums_loop(E, rows, y, K):
-    D = E.shape[1]
-    sums, s1, s2 = np.zeros((K, D)), np.zeros(D), np.zeros(D)
-    x0 = np.empty(D)
-    for d in range(D):
-        x0[d] = E[rows[0], d]
-    for r in rows:
-        k = y[r]
-        for d in range(D):
-            x = float(E[r, d])
+def gather(E, rows, dtype):
+    """E[rows] as dtype. float16 (what extract.py writes) goes through a lookup table: exact, and 3–4×
+    faster than astype here."""
+    if E.dtype == np.float16:
+        if not _F16:
+            _F16.append(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+                        .astype(np.float32))
+        X = np.take(_F16[0], E[rows].view(np.uint16))
+        return X if dtype == np.float32 else X.astype(dtype)
+    return E[rows].astype(dtype, copy=False)
+
+
+def _accumulate_np(X, yc, sums, s1, s2, x0):
+    """Add a chunk X (rows×D, labels yc sorted) to the class sums (K×D) and the moments around x₀ (D)."""
+    heads = np.flatnonzero(np.r_[True, yc[1:] != yc[:-1]])
+    sums[yc[heads]] += np.add.reduceat(X, heads, axis=0, dtype=np.float64)
+    Xs = X - x0                                          # chunk×D, float64
+    s1 += Xs.sum(axis=0)
+    s2 += np.einsum("nd,nd->d", Xs, Xs)
+
+
+def _accumulate_loop(X, yc, sums, s1, s2, x0):
+    for i in range(X.shape[0]):
+        k = yc[i]
+        for d in range(X.shape[1]):
+            x = float(X[i, d])
             sums[k, d] += x
             s1[d] += x - x0[d]
             s2[d] += (x - x0[d]) * (x - x0[d])
-    return sums, s1, s2, x0
 
 
-class_sums = _dispatch(_class_sums_np, _njit(_class_sums_loop))
+accumulate = _dispatch(_accumulate_np, _njit(_accumulate_loop))
 
 
-def _mean_distance_np(E, rows, y, means, inv_std):
-    """Mean over rows of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the difference."""
+def _distance_sum_np(X, yc, means, inv_std):
+    """Σ over rows of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the difference."""
+    Xd = (X - means[yc]) * inv_std                       # chunk×D
+    return float(np.sqrt(np.einsum("nd,nd->n", Xd, Xd)).sum())
+
+
+def _distance_sum_loop(X, yc, means, inv_std):
     total = 0.0
-    for r in _chunks(rows, E.shape[1]):
-        X = (E[r].astype(np.float64) - means[y[r]]) * inv_std   # chunk×D
-        total += np.sqrt(np.einsum("nd,nd->n", X, X)).sum()
-    return total / rows.size
-
-
-def _mean_distance_loop(E, rows, y, means, inv_std):
-    total = 0.0
-    for r in rows:
-        k = y[r]
+    for i in range(X.shape[0]):
+        k = yc[i]
         s = 0.0
-        for d in range(E.shape[1]):
-            x = (float(E[r, d]) - means[k, d]) * inv_std[d]
+        for d in range(X.shape[1]):
+            x = (float(X[i, d]) - means[k, d]) * inv_std[d]
             s += x * x
         total += math.sqrt(s)
-    return total / rows.size
+    return total
 
 
-mean_distance = _dispatch(_mean_distance_np, _njit(_mean_distance_loop))
+distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop))
+
+
+def _work_dtype(E):
+    return np.float64 if E.dtype == np.float64 else np.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -595,12 +598,16 @@ def _check_features(E, ndim=2):
         raise ValueError(f"features must be {want}, got shape {E.shape}")
     if not (np.issubdtype(E.dtype, np.floating) or np.issubdtype(E.dtype, np.integer)):
         raise ValueError(f"features must be numeric, got dtype {E.dtype}")
-    if E.shape[0] < 2 or E.shape[1] < 1:
-        raise ValueError(f"features must have at least 2 rows and 1 column, got shape {E.shape}")
-    step = max(1, (1 << 20) // E.shape[1])
-    rows = as_rows(E)
-    for start in range(0, rows.shape[0], step):  # chunked: no N×D temporary; a NaN/Inf makes the sum one
-        if not np.isfinite(np.sum(rows[start:start + step], dtype=np.float64)):
+    if as_rows(E).shape[0] < 2 or E.shape[-1] < 1:
+        raise ValueError(f"features must have at least 2 samples and 1 dimension, got shape {E.shape}")
+    rows, step = as_rows(E), max(1, (1 << 20) // E.shape[-1])
+    for start in range(0, rows.shape[0], step):          # chunked: no N×D temporary
+        chunk = rows[start:start + step]
+        if E.dtype == np.float16:                        # exponent bits all set: Inf or NaN
+            bad = np.any((chunk.view(np.uint16) & 0x7C00) == 0x7C00)
+        else:
+            bad = not np.all(np.isfinite(chunk))
+        if bad:
             raise ValueError("features contain NaN or Inf values")
     return E
 
@@ -712,28 +719,47 @@ def mean_iou(pred, y, K):
     return 100.0 * float(np.mean(tp[union > 0] / union[union > 0]))
 
 
-def adaptive_n(E, rows, y, K, cfg):
+def training_stats(E, rows, y, K):
+    """One pass over E[rows]: class sums (K×D) and per-dimension Σ(x − x₀), Σ(x − x₀)² (D), x₀ = the
+    first row (shifting keeps Σx² − (Σx)²/N well-conditioned)."""
+    rows = rows[np.argsort(y[rows], kind="stable")]    # class-contiguous: class sums are segment sums
+    D = E.shape[1]
+    sums, s1, s2 = np.zeros((K, D)), np.zeros(D), np.zeros(D)
+    x0 = gather(E, rows[:1], np.float64)[0]
+    for r in _chunks(rows, D):
+        accumulate(gather(E, r, _work_dtype(E)), y[r], sums, s1, s2, x0)
+    return sums, s1, s2, x0
+
+
+def adaptive_n(E, rows, y, K, cfg, stats=None):
     """Eq. 9: n = ⌈log_{1−η0}(dis_b / dis)⌉ + n_b, dis = mean distance to the own class mean after
     per-dimension standardisation (a dimension with std 0 contributes 0); clamped to n ≥ 1."""
-    sums, s1, s2, _ = class_sums(E, rows, y, K)
+    sums, s1, s2, _ = stats if stats is not None else training_stats(E, rows, y, K)
     N = rows.size
-    var = np.maximum(s2 / N - (s1 / N) ** 2, 0.0)
-    std = np.sqrt(var)
+    std = np.sqrt(np.maximum(s2 / N - (s1 / N) ** 2, 0.0))
     inv_std = np.where(std > 1e-12 * (1.0 + np.abs(sums.sum(0) / N)), 1.0 / np.where(std > 0, std, 1), 0)
-    counts = np.bincount(y[rows], minlength=K)
-    means = sums / np.maximum(counts, 1)[:, None]
-    dis = mean_distance(E, rows, y, means, inv_std)
+    means = sums / np.maximum(np.bincount(y[rows], minlength=K), 1)[:, None]
+    dis = sum(distance_sum(gather(E, r, _work_dtype(E)), y[r], means, inv_std)
+              for r in _chunks(rows, E.shape[1])) / N
     if dis <= 0:
         return max(cfg.n_b, 1), dis
     n = math.ceil(math.log(cfg.dis_b / dis) / math.log(1.0 - cfg.eta0)) + cfg.n_b
     return max(int(n), 1), dis
 
 
+def moments_from_stats(s1, s2, x0, N):
+    """Scalar mean and std of all N×D entries from training_stats' shifted per-dimension sums."""
+    count = N * x0.size
+    mu = (s1.sum() + N * x0.sum()) / count
+    c = x0 - mu                                         # Σ(x − μ)² = s2 + 2c·s1 + N·c², per dimension
+    return mu, math.sqrt(max(float(np.sum(s2 + 2 * c * s1 + N * c * c)) / count, 0.0))
+
+
 def feature_moments(E, rows, normalize_rows):
     """Scalar mean and std of all entries of E[rows] as f sees them (rows L2-normalised if asked)."""
     def pieces():
         for r in _chunks(rows, E.shape[1]):
-            X = E[r].astype(np.float64)
+            X = gather(E, r, np.float64)
             if normalize_rows:
                 X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
             yield X
@@ -807,14 +833,18 @@ def make_plan(features, labels, config=None, **overrides):
     Z = cfg.latent_dim or K
     if Z < K:
         raise ValueError(f"latent_dim={Z} is smaller than the number of classes K={K}")
+    stats = training_stats(E, train_idx, y, K) if cfg.n is None or cfg.shift else None
     if cfg.n is not None:
         n, dis = int(cfg.n), float("nan")
     else:
-        n, dis = adaptive_n(E, train_idx, y, K, cfg)
+        n, dis = adaptive_n(E, train_idx, y, K, cfg, stats)
     unit = make_centres(K, Z, cfg.centers, rng)
     centres = unit
     if cfg.shift:
-        mu, sigma = feature_moments(E, train_idx, cfg.normalize == "features")
+        if cfg.normalize == "features":
+            mu, sigma = feature_moments(E, train_idx, True)
+        else:
+            mu, sigma = moments_from_stats(*stats[1:], train_idx.size)
         centres = mu + sigma * unit
     params = init_params(D, Z, K, rng, np.dtype(cfg.dtype))
     batches = train_idx[make_batches(train_idx.size, cfg.batch_size, cfg.iterations, rng)]
@@ -829,7 +859,7 @@ class _Model:
         self.dtype = np.dtype(cfg.dtype)
 
     def batch(self, rows):
-        X = self.E[rows].astype(self.dtype, copy=False)            # gather B×D
+        X = gather(self.E, rows, self.dtype)                       # B×D
         if self.cfg.normalize == "features":
             X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         return X

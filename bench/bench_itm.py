@@ -44,6 +44,21 @@ def synthetic(N, D, K, seed=0):
     return E, y
 
 
+def synthetic_dense(N=2000, h=14, w=14, D=768, K=12, seed=0):
+    """Segmentation-shaped input: N×h×w×D float16 features (what extract.py --dense writes) whose class
+    means separate blocks of a label map, and N×4h×4w uint8 label maps with some ignored pixels."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, K, (N, h, w)).astype(np.uint8)
+    maps = np.kron(grid, np.ones((4, 4), dtype=np.uint8))
+    maps[rng.random(maps.shape) < 0.1] = 255
+    means = (0.35 * rng.standard_normal((K, D))).astype(np.float32)
+    F = np.empty((N, h, w, D), dtype=np.float16)
+    for start in range(0, N, 100):
+        block = rng.standard_normal((min(100, N - start), h, w, D), dtype=np.float32)
+        F[start:start + 100] = np.maximum(block + means[grid[start:start + 100]], 0)
+    return F, maps
+
+
 def flop_floor(E, plan, cfg):
     """The large products of a default run, alone: the same shapes and counts, no other work."""
     rng = np.random.default_rng(1)
@@ -141,6 +156,33 @@ def test_torch_naive_scaled(benchmark, data):
     benchmark.extra_info.update(shape=name, scaled_full_run_seconds=seconds)
 
 
+@pytest.fixture(scope="module")
+def dense():
+    F, maps = synthetic_dense()
+    itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
+    return F, maps
+
+
+def test_dense_segmentation(benchmark, dense):
+    """2,000 images × 14×14 positions × D=768, K=12: the issue's dense case."""
+    F, maps = dense
+    result = benchmark.pedantic(itm.itm_score, args=(F, maps), rounds=1, iterations=1)
+    benchmark.extra_info.update(score=result.score, n=result.n)
+
+
+def flattened(F, maps):
+    """The labelled positions of a dense input as a plain classification problem (rows × D, labels)."""
+    grid = itm.downsample_labels(maps, F.shape[1], F.shape[2]).reshape(-1)
+    keep = np.flatnonzero(grid != itm.IGNORE)
+    return F.reshape(-1, F.shape[-1])[keep], grid[keep]
+
+
+def test_dense_equivalent_classification(benchmark, dense):
+    """The same labelled positions as a classification run: same samples, iterations, D and K."""
+    E, y = flattened(*dense)
+    benchmark.pedantic(itm.itm_score, args=(E, y), rounds=1, iterations=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The README table
 
@@ -177,6 +219,15 @@ def main(argv=None):
         print(f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {numpy_only:.2f} | "
               f"{naive:.1f} | {naive / ours:.0f}× |", flush=True)
         del E
+    F, maps = synthetic_dense()
+    itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
+    dense_s = median_seconds(lambda: itm.itm_score(F, maps), 1)
+    E, labels = flattened(F, maps)
+    cls_s = median_seconds(lambda: itm.itm_score(E, labels), 1)
+    print(f"\nsegmentation, 2,000 images × 14×14 × D=768, K=12 (float16): {dense_s:.2f} s; the same "
+          f"labelled positions as a classification run, same iterations: {cls_s:.2f} s "
+          f"(ratio {dense_s / cls_s:.2f})")
+    del F, E
     before, after, feats = peak_memory_mb(*SHAPES["cifar100_r50"])
     print(f"\npeak RSS (CIFAR-100 shape): {before:.0f} MB after building the {feats:.0f} MB features, "
           f"{after:.0f} MB after scoring (budget 1.2 × features + 300 MB above the interpreter)")

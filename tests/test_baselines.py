@@ -1,0 +1,760 @@
+"""Tests of baselines.py: reference values (BASELINES.md §5), naive re-implementations of the
+published formulas, identities, invariances, bad input and the command line.
+
+Every naive function below is written directly from the reference algorithm (per-class loops,
+np.cov, scipy's generalized eigh, np.linalg.pinv, slogdet, np.corrcoef + scipy.stats.spearmanr,
+...) and shares no code with baselines.py.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.special
+import scipy.stats
+
+import baselines as B
+
+try:
+    import sklearn  # noqa: F401
+    HAVE_SKLEARN = True
+except ImportError:
+    HAVE_SKLEARN = False
+needs_sklearn = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn (extra 'baselines') "
+                                   "is not installed")
+
+
+def synth(N=3000, D=128, C=10, sep=0.25, seed=0):
+    """The seeded synthetic set of BASELINES.md §5 (float32, ReLU'd Gaussian classes)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, N)
+    mu = rng.standard_normal((C, D)) * sep
+    X = np.maximum(mu[y] + rng.standard_normal((N, D)), 0).astype(np.float32)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return synth()
+
+
+@pytest.fixture(scope="module")
+def small():
+    return synth(N=600, D=48, C=6, sep=0.6, seed=5)
+
+
+def source_probs(y):
+    """§5's source-model probabilities for LEEP / NCE."""
+    rng3 = np.random.default_rng(3)
+    logits = rng3.standard_normal((len(y), 50)) + 3 * np.eye(50)[5 * y]
+    return scipy.special.softmax(logits, axis=1)
+
+
+# ============================================================================ naive references
+
+def naive_logme(X, y, variant="fixed_point", pad=False):
+    """thuml/LogME, per class, as published (``pad`` adds the fix of issue #23)."""
+    f = X.astype(np.float64)
+    N, D = f.shape
+    evidences = []
+    if variant == "icml":
+        v, s, vh = np.linalg.svd(f.T @ f, full_matrices=True)
+    elif N > D:
+        _, s, vh = np.linalg.svd(f.T @ f)
+        s = np.sqrt(s)
+        k = int(np.sum(s > 1e-10))
+        u, s = (f @ vh.T)[:, :k] / s[:k], s[:k]
+    else:
+        u, s, vh = np.linalg.svd(f, full_matrices=False)
+    for c in range(int(y.max()) + 1):
+        yc = (y == c).astype(np.float64)
+        alpha, beta = 1.0, 1.0
+        if variant == "icml":
+            lam, eps, tmp = 1.0, 1e-5, vh @ (f.T @ yc)
+            for _ in range(11):
+                gamma = (s / (s + lam)).sum()
+                m = v @ (tmp * beta / (alpha + beta * s))
+                alpha_de = (m * m).sum()
+                alpha = gamma / (alpha_de + eps)
+                beta_de = ((yc - f @ m) ** 2).sum()
+                beta = (N - gamma) / (beta_de + eps)
+                if abs(alpha / beta - lam) / lam < 0.01:
+                    break
+                lam = alpha / beta
+            ev = (D / 2 * np.log(alpha) + N / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
+                  - beta / 2 * (beta_de + eps) - alpha / 2 * (alpha_de + eps) - N / 2 * np.log(2 * np.pi))
+        else:
+            sigma = s ** 2
+            x2 = (u.T @ yc) ** 2
+            res_x2 = yc @ yc - x2.sum()
+            for _ in range(11):
+                t = alpha / beta
+                gamma = (sigma / (sigma + t)).sum()
+                m2 = (sigma * x2 / (t + sigma) ** 2).sum()
+                res2 = (x2 / (1 + sigma / t) ** 2).sum() + res_x2
+                alpha, beta = gamma / (m2 + 1e-5), (N - gamma) / (res2 + 1e-5)
+                if abs(alpha / beta - t) / t <= 1e-3:
+                    break
+            logdet = np.log(alpha + beta * sigma).sum() + (pad * (D - len(sigma)) * np.log(alpha))
+            ev = (D / 2 * np.log(alpha) + N / 2 * np.log(beta) - 0.5 * logdet - beta / 2 * res2
+                  - alpha / 2 * m2 - N / 2 * np.log(2 * np.pi))
+        evidences.append(ev / N)
+    return float(np.mean(evidences))
+
+
+def _cov(X, shrinkage=-1):
+    emp = np.cov(np.asarray(X).T, bias=1)
+    if shrinkage < 0:
+        return emp
+    out = (1 - shrinkage) * emp
+    out.flat[:: emp.shape[0] + 1] += shrinkage * np.trace(emp) / emp.shape[0]
+    return out
+
+
+def _iterative_a(A):
+    x = A.sum(axis=1)
+    for _ in range(3):
+        t = A @ x
+        v = t / np.linalg.norm(t)
+        t = A @ v
+        x = t / np.linalg.norm(t)
+    return x @ A @ v
+
+
+def naive_fda(X, y, shrinkage=None, etran=False):
+    """SFDA's ``SFDA`` class (``etran=True``: ETran's LDA, eigh of inv(Sw) @ Sb)."""
+    C = int(y.max()) + 1
+    priors = np.bincount(y) / len(y)
+    means = np.stack([X[y == c].mean(axis=0, dtype=np.float64) for c in range(C)])
+    Sw = sum(priors[c] * _cov(X[y == c]) for c in range(C))
+    lam = max(np.exp(-5 * _iterative_a(Sw)), 1e-10) if shrinkage is None else shrinkage
+    St = _cov(X, lam)
+    sSw = (1 - lam) * Sw
+    sSw.flat[:: Sw.shape[0] + 1] += lam * np.trace(Sw) / Sw.shape[0]
+    if etran:
+        evals, V = np.linalg.eigh(np.linalg.inv(sSw) @ (St - sSw))
+    else:
+        evals, V = scipy.linalg.eigh(St - sSw, sSw)
+    V = V[:, np.argsort(evals)[::-1]]
+    coef = means @ V @ V.T
+    b = -0.5 * np.diag(means @ coef.T) + np.log(priors)
+    return (lambda Z: scipy.special.softmax(Z @ coef.T + b, axis=1)), lam
+
+
+def naive_sfda(X, y):
+    n, C = len(y), int(y.max()) + 1
+    X = X.astype(np.float64)
+    proba, lam = naive_fda(X, y)
+    p = np.exp(proba(X))
+    p /= p.sum(axis=1, keepdims=True)
+    means = np.stack([X[y == c].mean(axis=0) for c in range(C)])
+    others = [(means.sum(axis=0) - means[c]) / (C - 1) for c in range(C)]
+    for c in range(C):
+        idx = np.where(y == c)[0]
+        w = p[idx, c][:, None]
+        X[idx] = w * X[idx] + (1 - w) * others[c]
+    proba2, _ = naive_fda(X, y, lam)
+    return proba2(X)[np.arange(n), y].sum() / n
+
+
+def naive_etran_lda(X, y):
+    proba, _ = naive_fda(X, y, etran=True)
+    return proba(X)[np.arange(len(y)), y].mean()
+
+
+def naive_nearest_mean(X, y):
+    """softmax_c(−½‖x − μ_c‖² + log π_c): the identity-covariance Gaussian classifier."""
+    X = X.astype(np.float64)
+    C = int(y.max()) + 1
+    means = np.stack([X[y == c].mean(axis=0) for c in range(C)])
+    d2 = ((X[:, None, :] - means[None]) ** 2).sum(axis=2)
+    P = scipy.special.softmax(-0.5 * d2 + np.log(np.bincount(y) / len(y)), axis=1)
+    return P[np.arange(len(y)), y].mean()
+
+
+def naive_energy(X, percent=0.5):
+    e = scipy.special.logsumexp(X.astype(np.float64), axis=-1)
+    return e[np.argsort(e)[: int(percent * 10) * len(e) // 1000]].mean()
+
+
+def naive_ped(X, y, G, steps=6, time_step=0.1, nsigma=0.6, exit_ratio=0.5, eps=1e-3):
+    """PED_Score / One_Step_PED with its meshgrid pair bookkeeping."""
+    X = X.astype(np.float64)
+    smean, sstd = G.mean(axis=0), np.maximum(G.std(axis=0), eps)
+    C = int(y.max()) + 1
+    gi, gj = np.meshgrid(np.arange(C), np.arange(C))
+    mask = np.triu(gi != gj, k=1)
+    gi, gj = gi[mask], gj[mask]
+    first = None
+    for _ in range(steps):
+        Z = (X - smean) / sstd
+        means = np.stack([Z[y == c].mean(axis=0) for c in range(C)])
+        R = np.sqrt(np.stack([Z[y == c].var(axis=0) for c in range(C)]).sum(axis=1))
+        dist = means[gi] - means[gj]
+        d = np.sqrt((dist ** 2).sum(axis=1))
+        over = np.maximum(nsigma * R[gi] + nsigma * R[gj] - d, 0)[:, None]
+        inter = np.zeros((C, C, X.shape[1]))
+        inter[mask] = -dist / d[:, None] * np.minimum(0.5 * time_step ** 2 * over, over)
+        overall = (inter - inter.transpose(1, 0, 2)).sum(axis=1)
+        change = np.abs(overall).sum()
+        first = change if first is None else first
+        if not change / first > exit_ratio:
+            break
+        X = (Z + overall[y]) * sstd + smean
+    return naive_sfda(X, y)
+
+
+def naive_ncti(X, y):
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis as LDA
+    pca = PCA(n_components=min(64, *X.shape))
+    Z = pca.fit_transform(X.astype(np.float64))
+    temp = max(np.exp(-pca.explained_variance_[:32].sum()), 1e-10)
+    clf = LDA(solver="svd") if temp == 1e-10 else LDA(solver="eigen", shrinkage=float(temp))
+    low = clf.fit_transform(Z, y)
+    low = low - low.mean(axis=0, keepdims=True)
+    P = clf.predict_proba(Z)
+    nuc = sum(np.linalg.norm(P[y == c], ord="nuc") for c in range(int(y.max()) + 1))
+    return (np.linalg.norm(low, ord="nuc"), P[np.arange(len(y)), y].sum() / len(y), np.log(nuc))
+
+
+def naive_hscore(X, y):
+    f = X.astype(np.float64)
+    g = np.zeros_like(f)
+    for c in range(int(y.max()) + 1):
+        g[y == c] = f[y == c].mean(axis=0)
+    return np.trace(np.linalg.pinv(np.cov(f, rowvar=False), rcond=1e-15) @ np.cov(g, rowvar=False))
+
+
+def naive_transrate(X, y, eps=1e-4):
+    def rate(Z):
+        n, d = Z.shape
+        return 0.5 * np.linalg.slogdet(np.eye(d) + Z.T @ Z / (n * eps))[1]
+    Z = X.astype(np.float64)
+    Z = Z - Z.mean(axis=0, keepdims=True)
+    C = int(y.max()) + 1
+    return rate(Z) - sum(rate(Z[y == c]) for c in range(C)) / C
+
+
+def exact_pca(X, k):
+    """SVD-based PCA with scikit-learn's svd_flip sign convention."""
+    Xc = X.astype(np.float64) - X.astype(np.float64).mean(axis=0)
+    _, s, Vt = np.linalg.svd(Xc, full_matrices=False)
+    Vt = Vt * np.sign(Vt[np.arange(len(Vt)), np.argmax(np.abs(Vt), axis=1)])[:, None]
+    return Xc @ Vt[:k].T, s[:k] ** 2 / (len(X) - 1)
+
+
+def naive_gbc(X, y, pca_dim=64, ddof=0, spherical=True):
+    Z = exact_pca(X, pca_dim)[0] if pca_dim else X.astype(np.float64)
+    C = int(y.max()) + 1
+    mu = [Z[y == c].mean(axis=0) for c in range(C)]
+    var = [np.maximum(Z[y == c].var(axis=0, ddof=ddof), 1e-4) for c in range(C)]
+    total = 0.0
+    for a in range(C):
+        for b in range(C):
+            if a == b:
+                continue
+            va, vb = (var[a].mean(), var[b].mean()) if spherical else (var[a], var[b])
+            avg = (va + vb) / 2
+            db = (np.sum((mu[a] - mu[b]) ** 2 / avg) / 8 + 0.5 * (np.sum(np.log(avg))
+                  - 0.5 * np.sum(np.log(va)) - 0.5 * np.sum(np.log(vb))))
+            total += np.exp(-db)
+    return -total
+
+
+def naive_parc(X, y, n_dims=32):
+    Z = exact_pca(X, n_dims)[0]
+    Z = (Z - Z.mean(axis=0)) / Z.std(axis=0)
+    onehot = np.eye(int(y.max()) + 1)[y]
+    iu = np.triu_indices(len(y), 1)
+    return scipy.stats.spearmanr((1 - np.corrcoef(Z))[iu], (1 - np.corrcoef(onehot))[iu])[0] * 100
+
+
+def naive_leep(P, y, log=True):
+    N, C = len(y), int(y.max()) + 1
+    joint = np.stack([P[y == c].sum(axis=0) / N for c in range(C)])
+    cond = (joint / joint.sum(axis=0, keepdims=True)).T
+    eep = np.array([row[label] for row, label in zip(P @ cond, y)])
+    return np.mean(np.log(eep)) if log else np.mean(eep)
+
+
+def naive_nce(z, y):
+    N, Ct, Cs = len(y), int(y.max()) + 1, int(z.max()) + 1
+    joint = np.zeros((Ct, Cs))
+    for s, t in zip(z, y):
+        joint[t, s] += 1.0 / N
+    pz = joint.sum(axis=0, keepdims=True)
+    mask = pz.reshape(-1) != 0
+    p = (joint / np.where(pz == 0, 1, pz)).T[mask] + 1e-20
+    return -np.sum(np.sum(-p * np.log(p), axis=1) * pz.reshape(-1)[mask])
+
+
+def naive_sa_lda(X, y, alpha=0.005, sigma=0.6):
+    """SA with the LDA base when the gate holds: PCA(64) → ``attract`` (meshgrid) → ETran LDA."""
+    Z = exact_pca(X, 64)[0]
+    C = int(y.max()) + 1
+    means = np.stack([Z[y == c].mean(axis=0) for c in range(C)])
+    R = np.sqrt(np.stack([Z[y == c].var(axis=0) for c in range(C)]).sum(axis=1))
+    gi, gj = np.meshgrid(np.arange(C), np.arange(C))
+    mask = np.triu(gi != gj, k=1)
+    gi, gj = gi[mask], gj[mask]
+    dist = means[gi] - means[gj]
+    d = np.sqrt((dist ** 2).sum(axis=1))
+    disp = np.zeros((C, C, Z.shape[1]))
+    disp[mask] = -dist / d[:, None] * alpha * (d - sigma * (R[gi] + R[gj]))[:, None]
+    Z = Z + (disp - disp.transpose(1, 0, 2)).sum(axis=1)[y]
+    return naive_etran_lda(Z, y)
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+# ============================================================================ §5 reference values
+
+@pytest.mark.parametrize("name, compute, expected", [
+    ("logme fixed point", lambda X, y: B.logme(X, y), -0.035709090807915046),
+    ("logme icml", lambda X, y: B.logme(X, y, variant="icml"), -0.035712327326488866),
+    ("sfda", lambda X, y: B.sfda(X, y), 0.3977716245992525),
+    ("etran lda", lambda X, y: B.etran_parts(X, y)["lda"], 0.42386913111496455),
+    ("etran energy", lambda X, y: B.etran_energy(X, percent=0.5, tail="bot"), 5.252252700449393),
+    ("ncti seli", lambda X, y: B.ncti_parts(X, y)["seli"], 618.9670598540134),
+    ("ncti ncc", lambda X, y: B.ncti_parts(X, y)["ncc"], 0.6830925558179233),
+    ("ncti vc", lambda X, y: B.ncti_parts(X, y)["vc"], 5.7034099214661085),
+    ("transrate", lambda X, y: B.transrate(X, y), 18.73017729739894),
+    ("leep", lambda X, y: B.leep(source_probs(y), y), -1.5830146475893243),
+    ("nce", lambda X, y: B.nce(source_probs(y), y), -0.6478658878343458),
+])
+def test_reference_values(ref, name, compute, expected):
+    assert rel(compute(*ref), expected) <= 1e-6
+
+
+def test_logme_reference_values_n_below_d():
+    X, y = synth(N=100, D=256, C=5, seed=1)
+    assert rel(B.logme(X, y, compat=True), 4.702064970384451) <= 1e-6      # thuml's bug
+    assert rel(B.logme(X, y, variant="icml"), -0.36028915189411215) <= 1e-6
+
+
+def test_ped_reference_value(ref):
+    """Matches to ~1e-8, not 1e-12: the reference computed the ImageNet mean/std of the
+    float32 G in float32 (np.mean of a float32 array); here they are float64."""
+    G, _ = synth(N=2000, D=128, C=10, seed=9)
+    assert rel(B.ped(*ref, reference_features=G), 0.8150325614015158) <= 1e-6
+
+
+@needs_sklearn
+def test_nleep_close_to_unseeded_reference(ref):
+    """§5 gives ≈0.259 for the SFDA copy (no log, unseeded mixture — not reproducible)."""
+    X, y = ref
+    assert abs(B.nleep(X, y, log=False) - 0.259) < 0.01
+
+
+# ============================================================================ same formula twice
+
+@pytest.mark.parametrize("variant", ["fixed_point", "icml"])
+@pytest.mark.parametrize("shape", [(600, 48), (40, 64)])
+def test_logme_matches_naive(variant, shape):
+    X, y = synth(N=shape[0], D=shape[1], C=4, seed=2)
+    ours = B.logme(X, y, variant=variant, compat=True)
+    assert rel(ours, naive_logme(X, y, variant)) < 1e-9
+
+
+def test_logme_corrected_formula_n_below_d():
+    X, y = synth(N=40, D=64, C=4, seed=2)
+    assert rel(B.logme(X, y), naive_logme(X, y, pad=True)) < 1e-9
+    assert abs(B.logme(X, y) - B.logme(X, y, variant="icml")) < 2e-3 * abs(B.logme(X, y))
+    assert abs(B.logme(X, y, compat=True) - B.logme(X, y, variant="icml")) > 0.1
+
+
+def test_logme_variants_agree_when_n_above_d(ref):
+    assert abs(B.logme(*ref) - B.logme(*ref, variant="icml")) < 1e-5
+    assert B.logme(*ref) == B.logme(*ref, compat=True)          # full rank: nothing to fix
+
+
+def test_sfda_matches_naive(small):
+    assert rel(B.sfda(*small), naive_sfda(*small)) < 1e-10
+
+
+def test_sfda_first_stage_is_shrinkage_lda(small):
+    X, y = small
+    P, lam = B.shrinkage_lda_proba(X, y)
+    proba, lam_ref = naive_fda(X.astype(np.float64), y)
+    assert lam == pytest.approx(lam_ref, rel=1e-12)
+    assert np.abs(P - proba(X.astype(np.float64))).max() < 1e-10
+    # the same probabilities from the textbook shrinkage-LDA formula with covariance Sw_λ
+    C = int(y.max()) + 1
+    Xf = X.astype(np.float64)
+    means = np.stack([Xf[y == c].mean(axis=0) for c in range(C)])
+    Sw = sum(np.mean(y == c) * np.cov(Xf[y == c].T, bias=True) for c in range(C))
+    S = (1 - lam) * Sw + lam * np.trace(Sw) / Sw.shape[0] * np.eye(Sw.shape[0])
+    W = np.linalg.solve(S, means.T)
+    logits = Xf @ W - 0.5 * np.sum(means.T * W, axis=0) + np.log(np.bincount(y) / len(y))
+    assert np.abs(P - scipy.special.softmax(logits, axis=1)).max() < 1e-10
+
+
+def test_etran_lda_is_identity_covariance_nearest_mean(small):
+    X, y = small
+    ours = B.etran_parts(X, y)["lda"]
+    assert rel(ours, naive_etran_lda(X, y)) < 1e-10
+    assert rel(ours, naive_nearest_mean(X, y)) < 1e-10
+    paper = B.etran_parts(X, y, compat=False)["lda"]
+    assert rel(paper, B.shrinkage_lda_proba(X, y)[0][np.arange(len(y)), y].mean()) < 1e-12
+    assert abs(paper - ours) > 1e-3
+
+
+def test_etran_energy_matches_naive():
+    X, y = synth(N=2400, D=32, C=3, seed=4)
+    assert rel(B.etran_energy(X), naive_energy(X)) < 1e-12
+    assert B.etran_energy(X[:100]) == pytest.approx(np.min(naive_energy_all(X[:100])))
+
+
+def naive_energy_all(X):
+    return scipy.special.logsumexp(X.astype(np.float64), axis=-1)
+
+
+def test_ped_matches_naive(small):
+    X, y = small
+    G, _ = synth(N=400, D=48, C=3, seed=8)
+    assert rel(B.ped(X, y, reference_features=G), naive_ped(X, y, G.astype(np.float64))) < 1e-10
+    with pytest.warns(UserWarning, match="standardising with the target features"):
+        no_ref = B.ped(X, y)
+    assert rel(no_ref, naive_ped(X, y, X.astype(np.float64))) < 1e-10
+
+
+@needs_sklearn
+@pytest.mark.parametrize("scale", [1.0, 6.0])          # eigen solver / svd solver (temp = 1e-10)
+def test_ncti_matches_sklearn_pipeline(small, scale):
+    X, y = small
+    X = X * scale
+    version = tuple(int(v) for v in sklearn.__version__.split(".")[:2])
+    parts = B.ncti_parts(X, y, svd_covariance="biased" if version >= (1, 9) else "unbiased")
+    for key, value in zip(("seli", "ncc", "vc"), naive_ncti(X, y)):
+        assert rel(parts[key], value) < 1e-9, key
+    if scale > 1:                       # the two scikit-learn conventions differ only here
+        other = B.ncti_parts(X, y, svd_covariance="unbiased" if version >= (1, 9) else "biased")
+        assert rel(other["seli"], parts["seli"]) > 1e-4
+
+
+def test_hscore_and_transrate_match_naive(small):
+    assert rel(B.hscore(*small), naive_hscore(*small)) < 1e-9
+    assert rel(B.transrate(*small), naive_transrate(*small)) < 1e-10
+    X, y = synth(N=90, D=120, C=3, seed=6)                       # classes with n_c < D
+    assert rel(B.transrate(X, y), naive_transrate(X, y)) < 1e-10
+
+
+@needs_sklearn
+def test_reg_hscore_matches_sklearn_ledoit_wolf(small):
+    from sklearn.covariance import LedoitWolf
+    X, y = small
+    f = X.astype(np.float64)
+    f = f - f.mean(axis=0, keepdims=True)
+    lw = LedoitWolf(assume_centered=False).fit(f)
+    g = np.zeros_like(f)
+    for c in range(int(y.max()) + 1):
+        g[y == c] = f[y == c].mean(axis=0)
+    expected = np.trace(np.linalg.pinv(lw.covariance_, rcond=1e-15)
+                        @ ((1 - lw.shrinkage_) * np.cov(g, rowvar=False)))
+    assert rel(B.reg_hscore(X, y), expected) < 1e-9
+
+
+@pytest.mark.parametrize("options", [{}, {"gaussian_type": "diagonal", "ddof": 1},
+                                     {"pca_dim": None}])
+def test_gbc_matches_naive(small, options):
+    naive = naive_gbc(*small, pca_dim=options.get("pca_dim", 64), ddof=options.get("ddof", 0),
+                      spherical=options.get("gaussian_type", "spherical") == "spherical")
+    assert rel(B.gbc(*small, **options), naive) < 1e-10
+
+
+def test_parc_matches_corrcoef_and_spearmanr():
+    X, y = synth(N=300, D=40, C=4, seed=3)
+    assert rel(B.parc(X, y), naive_parc(X, y)) < 1e-9
+    # duplicated rows give tied RDM values; values equal in exact arithmetic may differ in the
+    # last bit between one np.corrcoef product and our row blocks, which moves a few ranks
+    Xd = np.repeat(X[:100], 2, axis=0)
+    yd = np.repeat(y[:100], 2)
+    assert rel(B.parc(Xd, yd), naive_parc(Xd, yd)) < 1e-7
+
+
+def test_leep_and_nce_match_naive(small):
+    _, y = small
+    P = source_probs(y % 6)
+    assert rel(B.leep(P, y), naive_leep(P, y)) < 1e-12
+    assert rel(B.leep(P, y, log=False), naive_leep(P, y, log=False)) < 1e-12
+    assert rel(B.leep(np.log(P) + 3.0, y, from_logits=True), naive_leep(P, y)) < 1e-12
+    z = np.argmax(P, axis=1)
+    assert rel(B.nce(z, y), naive_nce(z, y)) < 1e-12
+    assert B.nce(z, y) == B.nce(P, y)
+
+
+def test_sa_gate_and_attract(ref, small):
+    X, y = ref
+    parts = B.sa_parts(X, y)                                      # gate off on §5's data
+    assert parts["applied"] is False
+    assert parts["score"] == B.etran_parts(X, y)["lda"]
+    Xs, ys = small
+    Xs = Xs * 8.0                                                 # large variance: gate on
+    parts = B.sa_parts(Xs, ys)
+    assert parts["applied"] is True
+    assert rel(parts["score"], naive_sa_lda(Xs, ys)) < 1e-10
+    assert B.sa_parts(Xs, ys, compat=False)["score"] != parts["score"]
+
+
+@needs_sklearn
+def test_nleep_matches_sklearn_pipeline():
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+    X, y = synth(N=400, D=20, C=4, sep=1.0, seed=7)
+    Z = PCA(n_components=0.8, svd_solver="full").fit_transform(X.astype(np.float64))
+    post = GaussianMixture(n_components=20, random_state=123).fit(Z).predict_proba(Z)
+    assert rel(B.nleep(X, y), naive_leep(post, y)) < 1e-6
+    assert rel(B.nleep(X, y, log=False), naive_leep(post, y, log=False)) < 1e-6
+
+
+def test_exact_pca_helper_matches_svd(small):
+    X, _ = small
+    Z, var = B._pca(X, 10)
+    Zr, var_r = exact_pca(X, 10)
+    assert np.abs(Z - Zr).max() < 1e-9 and np.abs(var - var_r).max() < 1e-9
+    Xw, _ = synth(N=30, D=80, C=3, seed=1)                        # N < D: the N×N route
+    assert np.abs(B._pca(Xw, 10)[0] - exact_pca(Xw, 10)[0]).max() < 1e-9
+
+
+# ============================================================================ pools
+
+def test_combine_matches_published_normalisation(small):
+    X, y = small
+    pool = {"a": X, "b": X[:, :24], "c": np.sqrt(X)}
+    parts = {m: B.etran_parts(F, y) for m, F in pool.items()}
+    e = np.array([parts[m]["energy"] for m in pool])
+    lda = np.array([parts[m]["lda"] for m in pool])
+    mm = lambda v: (v - v.min()) / (v.max() - v.min())     # noqa: E731
+    expected = 0.15 * mm(e) + 0.85 * mm(lda)
+    assert np.allclose([B.combine("etran", parts)[m] for m in pool], expected, rtol=0, atol=1e-15)
+    nparts = {m: B.ncti_parts(F, y) for m, F in pool.items()}
+    col = lambda k: np.array([nparts[m][k] for m in pool])  # noqa: E731
+    expected = mm(col("ncc")) + mm(col("seli")) - mm(col("vc"))
+    assert np.allclose(list(B.combine("ncti", nparts).values()), expected, atol=1e-15)
+    assert B.combine("sa", {m: B.sa_parts(F, y, base="ncti") for m, F in pool.items()}) \
+        == pytest.approx(B.combine("ncti", nparts))
+    assert B.combine("etran", {"only": parts["a"]}) == {"only": 0.0}
+    assert B.etran(X, y) == pytest.approx(0.15 * parts["a"]["energy"] + 0.85 * parts["a"]["lda"])
+
+
+def test_combine_rejects_bad_parts(small):
+    with pytest.raises(ValueError, match="unknown pool-relative method"):
+        B.combine("logme", {"a": {"score": 1.0}})
+    with pytest.raises(ValueError, match="lack 'lda'"):
+        B.combine("etran", {"a": {"energy": 1.0}})
+    with pytest.raises(ValueError, match="at least one model"):
+        B.combine("ncti", {})
+
+
+# ============================================================================ invariances
+
+PED_REFERENCE = synth(N=300, D=48, C=3, seed=9)[0]
+INVARIANT = {
+    "logme": B.logme, "logme_icml": lambda X, y: B.logme(X, y, variant="icml"),
+    "sfda": B.sfda, "etran": B.etran, "ncti": B.ncti, "transrate": B.transrate,
+    "hscore": B.hscore, "reg_hscore": B.reg_hscore, "gbc": B.gbc, "parc": B.parc,
+    "ped": lambda X, y: B.ped(X, y, reference_features=PED_REFERENCE), "sa": B.sa,
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVARIANT))
+def test_sample_permutation_and_relabelling_invariance(small, name):
+    X, y = small
+    f = INVARIANT[name]
+    base = f(X, y)
+    perm = np.random.default_rng(1).permutation(len(y))
+    assert f(X[perm], y[perm]) == pytest.approx(base, rel=1e-9, abs=1e-12)
+    relabel = np.array([3, 5, 0, 1, 4, 2])[y]                     # permuted class ids
+    assert f(X, relabel) == pytest.approx(base, rel=1e-9, abs=1e-12)
+    names = np.array(["cat", "dog", "emu", "fox", "gnu", "hen"])[y]   # string labels
+    assert f(X, names) == pytest.approx(base, rel=1e-9, abs=1e-12)
+    assert f(X.astype(np.float64), y + 10) == pytest.approx(base, rel=1e-12, abs=1e-12)
+
+
+def test_probability_methods_invariances(small):
+    _, y = small
+    P = source_probs(y % 6)
+    perm = np.random.default_rng(2).permutation(len(y))
+    for f in (B.leep, B.nce):
+        assert f(P[perm], y[perm]) == pytest.approx(f(P, y), rel=1e-12)
+        assert f(P, y.astype(str)) == pytest.approx(f(P, y), rel=1e-12)
+
+
+def test_inputs_are_not_modified(small):
+    X, y = small
+    Xc, yc = X.copy(), y.copy()
+    for f in (B.sfda, B.sa, B.parc, B.logme):
+        f(X, y)
+    B.ped(X, y, reference_features=PED_REFERENCE)
+    assert np.array_equal(X, Xc) and np.array_equal(y, yc)
+
+
+# ============================================================================ subsampling caps
+
+def test_stratified_subsample_is_seeded_and_proportional():
+    y = np.repeat(np.arange(4), [500, 300, 150, 50])
+    idx = B._stratified_subsample(y, 4, 200, seed=0)
+    assert len(idx) == 200 and len(np.unique(idx)) == 200
+    assert np.array_equal(np.bincount(y[idx]), [100, 60, 30, 10])
+    assert np.array_equal(idx, B._stratified_subsample(y, 4, 200, seed=0))
+    assert not np.array_equal(idx, B._stratified_subsample(y, 4, 200, seed=1))
+
+
+def test_parc_cap_scores_the_subsample():
+    X, y = synth(N=500, D=40, C=4, seed=3)
+    capped = B.parc(X, y, max_samples=200, seed=5)
+    idx = B._stratified_subsample(y, 4, 200, 5)
+    assert capped == B.parc(X[idx], y[idx], max_samples=None)
+    assert capped == B.parc(X, y, max_samples=200, seed=5)
+
+
+# ============================================================================ numba / NumPy paths
+
+def test_numpy_and_numba_paths_agree(ref):
+    X, _ = ref
+    lse = B._logsumexp_rows_numpy(X)
+    assert np.abs(lse - naive_energy_all(X)).max() < 1e-12
+    if B.HAVE_NUMBA:
+        assert np.abs(B._logsumexp_rows_numba(X) - lse).max() < 1e-12
+
+
+def test_itm_no_numba_gives_the_same_scores(tmp_path, ref):
+    X, y = ref
+    np.savez(tmp_path / "f.npz", m=X[:500], labels=y[:500])
+    code = ("import json, numpy as np, baselines as B; d = np.load(r'%s'); "
+            "print(json.dumps([B.HAVE_NUMBA, B.etran_energy(d['m']), B.sfda(d['m'], d['labels'])]))"
+            % (tmp_path / "f.npz"))
+    env = dict(os.environ, ITM_NO_NUMBA="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(B.__file__), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    have, energy, score = json.loads(out.stdout)
+    assert have is False
+    assert energy == pytest.approx(B.etran_energy(X[:500]), rel=1e-13)
+    assert score == pytest.approx(B.sfda(X[:500], y[:500]), rel=1e-13)
+
+
+# ============================================================================ bad input
+
+ALL_FEATURE_METHODS = sorted(set(B.METHODS) - {"leep", "nce", "nleep"})
+
+
+@pytest.mark.parametrize("name", ALL_FEATURE_METHODS)
+def test_bad_input_raises_clear_value_errors(name):
+    f = B.METHODS[name]
+    X, y = synth(N=60, D=8, C=3, seed=0)
+    with pytest.raises(ValueError, match="N mismatch"):
+        f(X, y[:-1])
+    bad = X.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        f(bad, y)
+    bad[3, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        f(bad, y)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        f(X, np.zeros(len(y), int))
+    with pytest.raises(ValueError, match="2-D"):
+        f(X[:, 0], y)
+    with pytest.raises(ValueError, match="2-D"):
+        f(X[None], y)
+    with pytest.raises(ValueError, match="non-integer"):
+        f(X, y + 0.5)
+    with pytest.raises(ValueError, match="numeric"):
+        f(X.astype(str), y)
+
+
+def test_bad_input_specific_messages():
+    X, y = synth(N=60, D=8, C=3, seed=0)
+    with pytest.raises(ValueError, match="probabilities"):
+        B.leep(X, y)
+    with pytest.raises(ValueError, match="N mismatch"):
+        B.leep(source_probs(y)[:-1], y)
+    with pytest.raises(ValueError, match="N mismatch"):
+        B.nce(np.zeros(59, int), y)
+    with pytest.raises(ValueError, match="reference_features have 5 dims"):
+        B.ped(X, y, reference_features=X[:, :5])
+    with pytest.raises(ValueError, match="variant"):
+        B.logme(X, y, variant="exact")
+    with pytest.raises(ValueError, match="gaussian_type"):
+        B.gbc(X, y, gaussian_type="full")
+    with pytest.raises(ValueError, match="base must be one of"):
+        B.sa(X, y, base="parc")
+    with pytest.raises(ValueError, match="labels are empty"):
+        B.encode_labels([])
+    with pytest.raises(ValueError, match="NaN"):
+        B.encode_labels([0.0, np.nan])
+    y_enc, classes = B.encode_labels(np.array([2.0, 7.0, 2.0]))
+    assert y_enc.tolist() == [0, 1, 0] and classes.tolist() == [2, 7]
+
+
+# ============================================================================ command line
+
+@pytest.fixture
+def feature_file(tmp_path):
+    X, y = synth(N=400, D=24, C=4, seed=11)
+    path = tmp_path / "feats.npz"
+    np.savez(path, alpha=X, beta=np.sqrt(X), labels=y)
+    np.save(tmp_path / "labels.npy", np.array(["a", "b", "c", "d"])[y])
+    return path, X, y
+
+
+def test_cli_table_and_json(feature_file, capsys):
+    path, X, y = feature_file
+    assert B.main(["--features", str(path), "--methods", "logme,sfda,etran"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["model", "logme", "sfda", "etran"]
+    assert [line.split()[0] for line in out[1:]] == ["alpha", "beta"]
+    assert float(out[1].split()[1]) == pytest.approx(B.logme(X, y), rel=1e-5)
+    assert B.main(["--features", str(path), "--labels", str(path.parent / "labels.npy"),
+                   "--methods", "logme,ncti", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["methods"] == ["logme", "ncti"]
+    assert data["scores"]["alpha"]["logme"] == pytest.approx(B.logme(X, y), rel=1e-12)
+    parts = {"alpha": B.ncti_parts(X, y), "beta": B.ncti_parts(np.sqrt(X), y)}
+    assert data["scores"]["beta"]["ncti"] == pytest.approx(B.combine("ncti", parts)["beta"])
+
+
+def test_cli_ped_warning_is_one_line(feature_file, capsys):
+    path, _, _ = feature_file
+    assert B.main(["--features", str(path), "--methods", "ped", "--models", "alpha"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("baselines.py: warning: ped:")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "logme,bogus"], "unknown method 'bogus'"),
+    (["--labels", "MISSING.npy"], "No such file"),
+    (["--models", "gamma"], "model 'gamma'"),
+    (["--methods", "leep"], "probabilities"),
+    (["--bogus-flag"], "unrecognized arguments"),
+])
+def test_cli_errors_are_one_line(feature_file, capsys, args, message):
+    path, _, _ = feature_file
+    assert B.main(["--features", str(path)] + args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("baselines.py: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_subprocess_bad_labels(tmp_path):
+    X, y = synth(N=50, D=6, C=3, seed=0)
+    np.savez(tmp_path / "f.npz", m=X)
+    np.save(tmp_path / "y.npy", y[:-1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(B.__file__), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, B.__file__, "--features", str(tmp_path / "f.npz"),
+                          "--labels", str(tmp_path / "y.npy"), "--methods", "logme"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "N mismatch" in run.stderr
+    run = subprocess.run([sys.executable, B.__file__, "--features", str(tmp_path / "f.npz")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and "no labels" in run.stderr and "Traceback" not in run.stderr
