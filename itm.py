@@ -351,16 +351,15 @@ adamw_step = _dispatch(_adamw_np, _njit(_adamw_loop))
 # -- row normalisation + centre gathering: Θ = A/‖A‖, T = Ê[y], R = Θ − T -----------------------------
 
 def _theta_np(A, centres, y, normalize):
-    """Θ (rows unit-norm when normalize), the targets T = Ê[y] and the row norms; all B×Z float64."""
-    A = A.astype(np.float64)
-    norms = np.sqrt(np.einsum("bz,bz->b", A, A)) if normalize else np.ones(A.shape[0])
+    """Θ (rows unit-norm when normalize), the targets T = Ê[y] (B×Z, A's dtype) and the row norms (B)."""
+    norms = np.sqrt(np.einsum("bz,bz->b", A, A, dtype=np.float64)) if normalize else np.ones(A.shape[0])
     norms = np.maximum(norms, 1e-12)  # an all-zero row stays zero instead of NaN
-    return A / norms[:, None], centres[y], norms
+    return (A / norms[:, None]).astype(A.dtype, copy=False), centres[y].astype(A.dtype), norms
 
 
 def _theta_loop(A, centres, y, normalize):
     B, Z = A.shape
-    theta, T, norms = np.empty((B, Z)), np.empty((B, Z)), np.ones(B)
+    theta, T, norms = np.empty((B, Z), A.dtype), np.empty((B, Z), A.dtype), np.ones(B)
     for i in range(B):
         if normalize:
             s = 0.0
@@ -469,7 +468,9 @@ def _small_products(B, D, Z):
 
 
 def _eigh(S, eta):
-    lam, V = np.linalg.eigh(S)
+    """Eigendecomposition of the small symmetric matrix in float64, on one BLAS thread."""
+    with _one_blas_thread():
+        lam, V = np.linalg.eigh(S.astype(np.float64))
     if not np.all(np.isfinite(lam)):
         raise Diverged("non-finite values in the propagation")
     if eta * lam[-1] >= 2.0:
@@ -490,41 +491,48 @@ def propagate(theta, T, n, eta, scale, want_grad=False):
 
 
 def _propagate_gram(theta, T, n, eta, s, want_grad):
-    # E = R + sΘφ(G)ΘᵀR + T = Θ(I + s·φ(G)ΘᵀR) = ΘM: one B×Z×Z product once M (Z×Z) is known
+    # E = R + sΘφ(G)ΘᵀR + T = Θ(I + s·φ(G)ΘᵀR) = ΘM: one B×Z×Z product once M (Z×Z) is known.
+    # B×Z×Z products run in Θ's dtype on all BLAS threads; the Z×Z spectral part in float64 on one.
+    dt = theta.dtype
     G = s * (theta.T @ theta)                          # Z×Z = (Z×B)(B×Z)
     lam, V = _eigh(G, eta)
-    P = (V * phi(lam, n, eta)) @ V.T                   # φ(G), Z×Z
     R = theta - T
-    X = theta.T @ R                                    # Z×Z
-    M = s * (P @ X)
-    M[np.diag_indices_from(M)] += 1.0
-    E = theta @ M                                      # B×Z
+    X = (theta.T @ R).astype(np.float64)               # Z×Z
+    with _one_blas_thread():
+        P = (V * phi(lam, n, eta)) @ V.T               # φ(G), Z×Z
+        M = s * (P @ X)
+        M[np.diag_indices_from(M)] += 1.0
+    E = theta @ M.astype(dt)                           # B×Z
     if not want_grad:
         return E, None
 
     def backward(dE):
-        dM = theta.T @ dE                              # Z×Z
-        dP = s * (dM @ X.T)
-        dX = s * (P @ dM)
-        dG = V @ ((V.T @ dP @ V) * psi(lam, n, eta, 2)) @ V.T   # Daleckii–Krein, Z×Z
-        Q = dX + s * (dG + dG.T)                       # through R = Θ − T and G = s·ΘᵀΘ
-        return dE @ M.T + theta @ Q + R @ dX.T         # B×Z; last term through X = ΘᵀR
+        dM = (theta.T @ dE).astype(np.float64)         # Z×Z
+        with _one_blas_thread():
+            dP = s * (dM @ X.T)
+            dX = s * (P @ dM)
+            dG = V @ ((V.T @ dP @ V) * psi(lam, n, eta, 2)) @ V.T   # Daleckii–Krein, Z×Z
+            Q = dX + s * (dG + dG.T)                   # through R = Θ − T and G = s·ΘᵀΘ
+        return dE @ M.T.astype(dt) + theta @ Q.astype(dt) + R @ dX.T.astype(dt)  # B×Z; R: X = ΘᵀR
     return E, backward
 
 
 def _propagate_kernel(theta, T, n, eta, s, want_grad):
+    dt = theta.dtype
     C = s * (theta @ theta.T)                          # B×B
     mu, U = _eigh(C, eta)
-    F = (U * (1.0 - eta * mu) ** n) @ U.T              # (I − ηC)ⁿ, B×B
+    with _one_blas_thread():
+        F = (U * (1.0 - eta * mu) ** n) @ U.T          # (I − ηC)ⁿ, B×B
     R = theta - T
-    E = F @ R + T
+    E = F.astype(dt) @ R + T
     if not want_grad:
         return E, None
 
     def backward(dE):
-        dF = dE @ R.T                                  # B×B
-        dC = U @ ((U.T @ dF @ U) * psi(mu, n, eta, 1)) @ U.T
-        return F @ dE + s * ((dC + dC.T) @ theta)
+        dF = (dE @ R.T).astype(np.float64)             # B×B
+        with _one_blas_thread():
+            dC = U @ ((U.T @ dF @ U) * psi(mu, n, eta, 1)) @ U.T
+        return F.astype(dt) @ dE + (s * (dC + dC.T)).astype(dt) @ theta
     return E, backward
 
 
@@ -868,33 +876,30 @@ class _Model:
         cfg, plan = self.cfg, self.plan
         Wz, bz, Wh, bh = params
         A = X @ Wz + bz                                            # B×Z = (B×D)(D×Z), the big product
-        with _one_blas_thread():
-            theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
-            scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
-            if cfg.mode == "closed":
-                E, back = propagate(theta, T, plan.n, cfg.eta, scale, want_grad)
-            else:
-                E, back = propagate_explicit(theta, T, plan.q[y], plan.n, cfg.eta, scale,
-                                             cfg.pc_loss, want_grad)
-            logits = E @ Wh.astype(np.float64) + bh                # B×K
-        return logits, E, theta, norms, back
+        theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
+        scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
+        if cfg.mode == "closed":
+            E, back = propagate(theta, T, plan.n, cfg.eta, scale, want_grad)
+        else:
+            E, back = propagate_explicit(theta, T, plan.q[y].astype(theta.dtype), plan.n, cfg.eta, scale,
+                                         cfg.pc_loss, want_grad)
+        return E @ Wh + bh, E, theta, norms, back                  # logits B×K
 
     def loss_and_grads(self, params, rows):
         X, y = self.batch(rows), self.plan.y[rows]
         logits, E, theta, norms, back = self.evolve(params, X, y, True)
-        with _one_blas_thread():
-            loss, dlogits = softmax_ce(logits, y)
-            if not math.isfinite(loss):
-                raise Diverged("non-finite training loss")
-            dWh, dbh = E.T @ dlogits, dlogits.sum(axis=0)         # Z×K, K
-            dtheta = back(dlogits @ params[2].T.astype(np.float64))  # B×Z
-            if self.cfg.normalize == "theta":                      # through Θ = A/‖A‖
-                dtheta = (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
-            if not np.all(np.isfinite(dtheta)):
-                raise Diverged("non-finite gradients")
-            dA = dtheta.astype(self.dtype)
+        loss, dlogits = softmax_ce(logits, y)
+        if not math.isfinite(loss):
+            raise Diverged("non-finite training loss")
+        dWh, dbh = E.T @ dlogits, dlogits.sum(axis=0)             # Z×K, K
+        dtheta = back(dlogits @ params[2].T)                       # B×Z
+        if self.cfg.normalize == "theta":                          # through Θ = A/‖A‖
+            dtheta = (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
+        if not np.all(np.isfinite(dtheta)):
+            raise Diverged("non-finite gradients")
+        dA = dtheta.astype(self.dtype, copy=False)
         dWz = X.T @ dA                                             # D×Z = (D×B)(B×Z), the big product
-        return loss, [dWz, dA.sum(axis=0), dWh.astype(self.dtype), dbh.astype(self.dtype)]
+        return loss, [dWz, dA.sum(axis=0), dWh, dbh]
 
     def predict(self, params):
         """argmax of the evolved logits over the scoring part, cut into consecutive batches of B, each

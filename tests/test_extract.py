@@ -511,3 +511,307 @@ def test_real_mobilenet_v2_on_real_flowers(tmp_path, capsys):
         correct += int(np.argmax(means @ f[i]) == labels[i])
     acc = correct / len(f)
     assert acc >= 0.7, f"nearest-class-mean accuracy {acc:.0%} (chance 20%)"
+
+
+# ------------------------------------------------------------------------------------ dense features
+
+TINY16 = extract.ViTSpec("tiny_vit16", patch=16, dim=32, depth=2, heads=4, mlp=64, image_size=224)
+SEG_SIZES = [(240, 320), (260, 250), (224, 224), (300, 200), (230, 400), (256, 256)]  # H x W
+
+
+@pytest.fixture
+def segfolder(tmp_path):
+    """6 random images of several sizes (one a .jpg) with masks of classes 0..3 and a 255 top-left third."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, (H, W) in enumerate(SEG_SIZES):
+        img = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+        img.save(root / "images" / f"im{i}.{'jpg' if i == 1 else 'png'}")
+        mask = rng.integers(0, 4, (H, W)).astype(np.uint8)
+        mask[:H // 3, :W // 3] = 255
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_vit16(monkeypatch):
+    """A random-init 2-layer ViT /16 at 224 under a model name (ViT-B/16 itself costs seconds per image)."""
+    monkeypatch.setitem(extract.SSL_VITS, TINY16.name, TINY16)
+    return TINY16.name
+
+
+def dense_args(out, root, *more):
+    return ["--dense", "--dataset", "segfolder", "--root", root, "--out", out, "--random-init", "--workers", 0,
+            "--batch-size", 4, "--quiet", *more]
+
+
+def transformed_mask(path, size=224):
+    """The mask of `path` resized (shorter side, nearest) and center-cropped by hand, with PIL only."""
+    from PIL import Image
+    with Image.open(path) as m:
+        W, H = m.size
+        w, h = (size, int(size * H / W)) if W <= H else (int(size * W / H), size)
+        m = m.resize((w, h), Image.NEAREST)
+        top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+        return np.array(m.crop((left, top, left + size, top + size)))
+
+
+def majority_by_hand(maps, h, w):
+    """Per-cell majority of labelled pixels, one cell at a time (ties: smaller class; none: 255)."""
+    N, H, W = maps.shape
+    out = np.full((N, h, w), 255, np.uint8)
+    for i in range(N):
+        for r in range(h):
+            for c in range(w):
+                cell = maps[i, r * H // h:(r + 1) * H // h, c * W // w:(c + 1) * W // w]
+                vals = cell[cell != 255]
+                if vals.size:
+                    out[i, r, c] = np.bincount(vals).argmax()
+    return out
+
+
+def first_image(root):
+    from PIL import Image
+    return Image.open(root / "images" / "im0.png").convert("RGB"), Image.open(root / "masks" / "im0.png")
+
+
+def test_dense_cli_shapes_labels_resume_and_itm(tmp_path, capsys, monkeypatch, segfolder, tiny_vit16):
+    out = tmp_path / "seg.npz"
+    masks = np.stack([transformed_mask(segfolder / "masks" / f"im{i}.png") for i in range(6)])
+
+    # one model: labels on its 7 x 7 grid
+    torch.manual_seed(0)
+    rc, stdout, err = cli(capsys, "--models", "resnet18", *dense_args(out, segfolder))
+    assert rc == 0, err
+    assert "resnet18\t6x7x7x512" in stdout
+    with np.load(out) as z:
+        assert sorted(z.files) == ["labels", "resnet18"]
+        r18, grid = z["resnet18"], z["labels"]
+    assert r18.shape == (6, 7, 7, 512) and r18.dtype == np.float16 and np.isfinite(r18).all()
+    assert grid.shape == (6, 7, 7) and grid.dtype == np.uint8
+    assert np.array_equal(grid, majority_by_hand(masks, 7, 7))
+    assert (grid[:, 0, 0] == 255).all() and set(np.unique(grid)) <= {0, 1, 2, 3, 255}
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["dense"] is True and (meta["label_maps"], meta["h"], meta["w"], meta["size"]) == ("grid", 7, 7, 224)
+    m = meta["models"]["resnet18"]
+    assert (m["h"], m["w"], m["dim"], m["dtype"]) == (7, 7, 512, "float16")
+    assert "nearest" in m["transform"] and "CenterCrop(224)" in m["transform"]
+
+    # the grid's spatial mean is the classification feature (global average pool) of the same image
+    torch.manual_seed(0)
+    model, transform, _ = extract.build_model("resnet18", random_init=True)
+    x, m0 = extract.dense_transform(transform, 224)(*first_image(segfolder))
+    assert np.array_equal(m0.numpy(), masks[0])
+    with torch.no_grad():
+        pooled = model.eval()(x[None])[0].numpy()
+    np.testing.assert_allclose(r18[0].astype(np.float32).mean(axis=(0, 1)), pooled, rtol=2e-3, atol=2e-3)
+
+    # resume with a ViT (14 x 14 grid): only the ViT runs, labels become the full-resolution maps
+    built = []
+    real_build = extract.build_model
+    monkeypatch.setattr(extract, "build_model", lambda name, **kw: built.append(name) or real_build(name, **kw))
+    torch.manual_seed(1)
+    rc, stdout, err = cli(capsys, "--models", f"resnet18,{tiny_vit16}", *dense_args(out, segfolder))
+    assert rc == 0 and built == [tiny_vit16], err
+    with np.load(out) as z:
+        assert sorted(z.files) == ["labels", "resnet18", tiny_vit16]
+        vit, full = z[tiny_vit16], z["labels"]
+        assert np.array_equal(z["resnet18"], r18)
+    assert vit.shape == (6, 14, 14, 32) and vit.dtype == np.float16
+    assert full.shape == (6, 224, 224) and full.dtype == np.uint8 and np.array_equal(full, masks)
+    assert np.array_equal(extract.grid_labels(full, 7, 7), grid)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (meta["label_maps"], meta["h"], meta["w"]) == ("full", 224, 224) and "differ" in meta["label_maps_note"]
+    assert (meta["models"][tiny_vit16]["h"], meta["models"][tiny_vit16]["w"]) == (14, 14)
+
+    # the ViT grid is the patch tokens of the model's own forward (after the final norm), class token dropped
+    torch.manual_seed(1)
+    model, transform, _ = real_build(tiny_vit16, pool="cls", random_init=True)
+    x, _ = extract.dense_transform(transform, 224)(*first_image(segfolder))
+    seen = []
+    model.vit.encoder.register_forward_hook(lambda mod, inp, outp: seen.append(outp))
+    with torch.no_grad():
+        cls = model.eval()(x[None])
+    tokens = seen[0]
+    assert tokens.shape == (1, 1 + 14 * 14, 32) and torch.equal(tokens[:, 0], cls)
+    np.testing.assert_allclose(vit[0].astype(np.float32), tokens[0, 1:].reshape(14, 14, 32).numpy(),
+                               rtol=2e-3, atol=2e-3)
+
+    # the full ITM on the produced file ranks both models
+    proc = subprocess.run([sys.executable, str(REPO / "itm.py"), "--features", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "resnet18" in proc.stdout and tiny_vit16 in proc.stdout
+
+
+def test_dense_label_maps_of_a_hand_made_example(tmp_path, capsys):
+    """A 112 x 224 image: resize x2 to 224 x 448, crop columns 112..335 = original columns 56..167; each 32 x 32
+    cell of resnet18's 7 x 7 grid is a 16 x 16 block of the original mask."""
+    from PIL import Image
+    want = np.array([[(i + j) % 3 for j in range(7)] for i in range(7)], np.uint8)
+    mask = np.full((112, 224), 7, np.uint8)  # class 7 lies outside the crop only
+
+    def block(i, j):
+        return mask[16 * i:16 * i + 16, 56 + 16 * j:56 + 16 * j + 16]
+    for i in range(7):
+        for j in range(7):
+            block(i, j)[:] = want[i, j]
+    block(0, 0)[:] = 255                                          # nothing labelled -> 255
+    block(1, 1)[:] = 255
+    block(1, 1)[5, 5] = 4                                         # one labelled pixel decides
+    block(2, 2)[:] = 255
+    block(2, 2)[:6], block(2, 2)[6, :4] = 2, 2                    # 100 x class 2, 156 ignored -> 2
+    block(3, 3)[:, :8], block(3, 3)[:, 8:] = 5, 1                 # 128 : 128 tie -> the smaller, 1
+    block(4, 4)[:] = 3
+    block(4, 4)[:7], block(4, 4)[7, :8] = 5, 5                    # 120 x 5, 136 x 3 -> 3
+    want[0, 0], want[1, 1], want[2, 2], want[3, 3], want[4, 4] = 255, 4, 2, 1, 3
+    grey = np.where(mask == 255, 250, 30 * (mask % 8)).astype(np.uint8)   # image brightness follows the mask
+    root = tmp_path / "hand"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(root / "images" / "a.png")
+    Image.fromarray(mask).save(root / "masks" / "a.png")
+
+    # image and mask get the same geometry: where the mask is locally constant, the image shows its class
+    _, transform, _ = extract.build_model("resnet18", random_init=True)
+    pair = extract.dense_transform(transform, 224)
+    with Image.open(root / "images" / "a.png") as img, Image.open(root / "masks" / "a.png") as m:
+        x, m = pair(img.convert("RGB"), m)
+    m = m.numpy()
+    assert m.shape == (224, 224) and 7 not in m
+    assert np.array_equal(m, np.kron(mask[:, 56:168], np.ones((2, 2), np.uint8)))
+    pixels = (x * torch.tensor(extract.IMAGENET_STD)[:, None, None]
+              + torch.tensor(extract.IMAGENET_MEAN)[:, None, None]) * 255
+    flat = np.ones_like(m, bool)  # 3 x 3 neighbourhood of one class
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            flat[1:-1, 1:-1] &= m[1:-1, 1:-1] == m[1 + dr:223 + dr, 1 + dc:223 + dc]
+    flat[[0, -1], :], flat[:, [0, -1]] = False, False
+    expected = np.where(m == 255, 250, 30 * (m % 8))
+    assert flat.sum() > 40000
+    np.testing.assert_allclose(pixels[0].numpy()[flat], expected[flat], atol=1.0)
+
+    out = tmp_path / "hand.npz"
+    rc, _, err = cli(capsys, "--models", "resnet18", *dense_args(out, root))
+    assert rc == 0, err
+    with np.load(out) as z:
+        assert z["labels"].shape == (1, 7, 7) and z["resnet18"].shape == (1, 7, 7, 512)
+        np.testing.assert_array_equal(z["labels"][0], want)
+
+
+def test_dense_limit_workers_float32_labels_out(tmp_path, capsys, segfolder):
+    out, y = tmp_path / "lim.npz", tmp_path / "y.npy"
+    rc, _, err = cli(capsys, "--models", "shufflenet_v2_x0_5", "--limit", 3, "--dtype", "float32",
+                     "--labels-out", y, *dense_args(out, segfolder, "--workers", 2))
+    assert rc == 0, err
+    keep = np.sort(np.random.default_rng(0).choice(6, size=3, replace=False))  # the classification subset
+    masks = np.stack([transformed_mask(segfolder / "masks" / f"im{i}.png") for i in keep])
+    with np.load(out) as z:
+        assert z["shufflenet_v2_x0_5"].shape == (3, 7, 7, 1024) and z["shufflenet_v2_x0_5"].dtype == np.float32
+        assert np.array_equal(z["labels"], majority_by_hand(masks, 7, 7)) and np.array_equal(np.load(y), z["labels"])
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (meta["limit"], meta["n"], meta["models"]["shufflenet_v2_x0_5"]["dtype"]) == (3, 3, "float32")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "densenet121", "mnasnet0_5", "shufflenet_v2_x0_5",
+                                  "squeezenet1_1"])
+def test_dense_cnn_grid_mean_is_the_classification_feature(arch):
+    torch.manual_seed(0)
+    model, _, _ = extract.build_model(arch, random_init=True)
+    dense = extract.dense_model(model, arch).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        grid, feats = dense(x), model.eval()(x)
+    assert grid.ndim == 4 and grid.shape[0] == 2 and grid.shape[-1] == feats.shape[1] and grid.shape[1] >= 2
+    torch.testing.assert_close(grid.mean(dim=(1, 2)), feats, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_vit_grids():
+    # ViT-B/16 at 224 -> 14 x 14 x 768, shapes only (on the meta device: no memory, no compute)
+    with torch.device("meta"):
+        vit = torchvision.models.vit_b_16()
+    dense = extract.dense_model(extract.ViTFeatures(vit, "cls"), "vit_b_16")
+    assert dense(torch.empty(2, 3, 224, 224, device="meta")).shape == (2, 14, 14, 768)
+    # MAE-style fc_norm (LayerNorm after the pooling) is applied to every patch token
+    model = randomised(extract.new_vit_features(TINY_MIM))
+    assert isinstance(model.post_norm, torch.nn.LayerNorm)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        grid = extract.dense_model(model, "tiny_mim")(x)
+        tokens = model.tokens(x)[:, 1:]
+        torch.testing.assert_close(grid, model.post_norm(tokens).reshape(2, GRID, GRID, 32))
+        torch.testing.assert_close(model(x), model.post_norm(tokens.mean(dim=1)))
+
+
+def test_segmentation_datasets_voc_and_cityscapes_layouts(tmp_path):
+    from PIL import Image
+    voc = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/val.txt").write_text("b\na\n")
+    for name, cls in (("a", 3), ("b", 15)):
+        Image.new("RGB", (30, 20), (cls, 0, 0)).save(voc / "JPEGImages" / f"{name}.jpg")
+        target = Image.new("P", (30, 20), cls)
+        target.putpalette(list(range(256)) * 3)  # VOC's PNGs carry a palette; the pixels are class ids
+        target.putpixel((0, 0), 255)
+        target.save(voc / "SegmentationClass" / f"{name}.png")
+    ds, split = extract.load_seg_dataset("voc2012", tmp_path / "voc", "val")
+    img, mask = ds[0]  # the order of val.txt
+    assert split == "val" and len(ds) == 2 and img.mode == "RGB" and mask.mode == "L"
+    assert np.array(mask)[0, 0] == 255 and np.array(mask)[5, 5] == 15
+    with pytest.raises(extract.ExtractError, match="unknown split 'test'"):
+        extract.load_seg_dataset("voc2012", tmp_path / "voc", "test")
+
+    city = tmp_path / "city"
+    for n, city_name in enumerate(["zurich", "aachen"]):
+        (city / "leftImg8bit" / "train" / city_name).mkdir(parents=True)
+        (city / "gtFine" / "train" / city_name).mkdir(parents=True)
+        stem = f"{city_name}_000000_00000{n}"
+        Image.new("RGB", (8, 4)).save(city / "leftImg8bit" / "train" / city_name / f"{stem}_leftImg8bit.png")
+        ids = np.array([[0, 7, 8, 26], [33, 6, 9, 255], [24, 24, 24, 24], [23, 23, 23, 23]] * 1, np.uint8)
+        Image.fromarray(np.repeat(ids, 2, axis=1)).save(city / "gtFine" / "train" / city_name /
+                                                        f"{stem}_gtFine_labelIds.png")
+    ds, _ = extract.load_seg_dataset("cityscapes", city, "train")
+    assert len(ds) == 2 and ds.base.images[0].endswith("aachen_000000_000001_leftImg8bit.png")  # sorted
+    mask = np.array(ds[0][1])[:, ::2]
+    # unlabeled -> 255, road 0, sidewalk 1, car 13, bicycle 18, ground 255, parking 255, person 11, sky 10
+    assert mask.tolist() == [[255, 0, 1, 13], [18, 255, 255, 255], [11] * 4, [10] * 4]
+    with pytest.raises(extract.ExtractError, match="cannot be downloaded"):
+        extract.load_seg_dataset("cityscapes", city, "train", download=True)
+
+
+def test_dense_bad_input(tmp_path, capsys, segfolder, npz_data, tiny_vit16):
+    out = tmp_path / "f.npz"
+    rc, _, err = cli(capsys, "--models", "resnet18", *dense_args(out, tmp_path, "--dataset", "cifar10"))
+    one_line_error(rc, err, "--dense needs a segmentation dataset", "voc2012", "segfolder")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--root", segfolder, *quick(out, "segfolder"))
+    one_line_error(rc, err, "segfolder is a segmentation dataset: use --dense")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--size", 160, *quick(out, npz_data))
+    one_line_error(rc, err, "--size applies to --dense only")
+    rc, _, err = cli(capsys, "--models", tiny_vit16, "--pool", "mean", *dense_args(out, segfolder))
+    one_line_error(rc, err, "--pool does not apply to --dense")
+    rc, _, err = cli(capsys, "--models", tiny_vit16, "--size", 160, *dense_args(out, segfolder))
+    one_line_error(rc, err, f"{tiny_vit16} takes 224x224 images: use --size 224")
+    (segfolder / "masks" / "im3.png").unlink()
+    rc, _, err = cli(capsys, "--models", "resnet18", *dense_args(out, segfolder))
+    one_line_error(rc, err, "1 images without a mask", "im3.png")
+    (segfolder / "masks" / "im3.png").write_bytes((segfolder / "masks" / "im2.png").read_bytes())
+    rc, _, err = cli(capsys, "--models", "resnet18", *dense_args(out, segfolder))
+    one_line_error(rc, err, "im3.png is 200x300 but its mask is 224x224")
+    from PIL import Image
+    Image.new("RGB", (200, 300)).save(segfolder / "masks" / "im3.png")
+    rc, _, err = cli(capsys, "--models", "resnet18", *dense_args(out, segfolder))
+    one_line_error(rc, err, "im3.png has mode RGB", "single-channel class ids")
+    Image.new("L", (200, 300), 1).save(segfolder / "masks" / "im3.png")
+    assert not out.exists()
+    # a classification file is not resumed as a dense one, and the other way round
+    assert cli(capsys, "--models", "shufflenet_v2_x0_5", *quick(out, npz_data))[0] == 0
+    rc, _, err = cli(capsys, "--models", "mobilenet_v2", *dense_args(out, segfolder))
+    one_line_error(rc, err, "holds classification features", "another --out")
+    dense_out = tmp_path / "d.npz"
+    assert cli(capsys, "--models", "shufflenet_v2_x0_5", "--limit", 2, *dense_args(dense_out, segfolder))[0] == 0
+    rc, _, err = cli(capsys, "--models", "mobilenet_v2", *quick(dense_out, npz_data))
+    one_line_error(rc, err, "holds dense features", "another --out")
