@@ -462,8 +462,10 @@ def _one_blas_thread(active=True):
 
 
 def _small_products(B, D, Z):
-    # below ~16M multiply-adds a product gains nothing from more threads, and loses much when the cores
-    # are shared (a D=1280, Z=17 run: 1.0 s with one thread, 6.8 s with two on a loaded machine)
+    # below ~16M multiply-adds even the two large products gain nothing from more threads, and lose
+    # much when the cores are shared (a D=1280, Z=17 run: 1.0 s with one thread, 6.8 s with two on a
+    # loaded machine). The B×Z×Z products always run on one thread (measured on a loaded 2-core
+    # machine at the CIFAR-100 shape: a whole run took 35 s with them on two threads, 15 s on one).
     return B * D * Z < 1 << 24
 
 
@@ -492,7 +494,7 @@ def propagate(theta, T, n, eta, scale, want_grad=False):
 
 def _propagate_gram(theta, T, n, eta, s, want_grad):
     # E = R + sΘφ(G)ΘᵀR + T = Θ(I + s·φ(G)ΘᵀR) = ΘM: one B×Z×Z product once M (Z×Z) is known.
-    # B×Z×Z products run in Θ's dtype on all BLAS threads; the Z×Z spectral part in float64 on one.
+    # B×Z×Z products run in Θ's dtype; the Z×Z spectral part in float64.
     dt = theta.dtype
     G = s * (theta.T @ theta)                          # Z×Z = (Z×B)(B×Z)
     lam, V = _eigh(G, eta)
@@ -876,28 +878,30 @@ class _Model:
         cfg, plan = self.cfg, self.plan
         Wz, bz, Wh, bh = params
         A = X @ Wz + bz                                            # B×Z = (B×D)(D×Z), the big product
-        theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
-        scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
-        if cfg.mode == "closed":
-            E, back = propagate(theta, T, plan.n, cfg.eta, scale, want_grad)
-        else:
-            E, back = propagate_explicit(theta, T, plan.q[y].astype(theta.dtype), plan.n, cfg.eta, scale,
-                                         cfg.pc_loss, want_grad)
-        return E @ Wh + bh, E, theta, norms, back                  # logits B×K
+        with _one_blas_thread():                                   # the rest is small: see _small_products
+            theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
+            scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
+            if cfg.mode == "closed":
+                E, back = propagate(theta, T, plan.n, cfg.eta, scale, want_grad)
+            else:
+                E, back = propagate_explicit(theta, T, plan.q[y].astype(theta.dtype), plan.n, cfg.eta,
+                                             scale, cfg.pc_loss, want_grad)
+            return E @ Wh + bh, E, theta, norms, back              # logits B×K
 
     def loss_and_grads(self, params, rows):
         X, y = self.batch(rows), self.plan.y[rows]
         logits, E, theta, norms, back = self.evolve(params, X, y, True)
-        loss, dlogits = softmax_ce(logits, y)
-        if not math.isfinite(loss):
-            raise Diverged("non-finite training loss")
-        dWh, dbh = E.T @ dlogits, dlogits.sum(axis=0)             # Z×K, K
-        dtheta = back(dlogits @ params[2].T)                       # B×Z
-        if self.cfg.normalize == "theta":                          # through Θ = A/‖A‖
-            dtheta = (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
-        if not np.all(np.isfinite(dtheta)):
-            raise Diverged("non-finite gradients")
-        dA = dtheta.astype(self.dtype, copy=False)
+        with _one_blas_thread():
+            loss, dlogits = softmax_ce(logits, y)
+            if not math.isfinite(loss):
+                raise Diverged("non-finite training loss")
+            dWh, dbh = E.T @ dlogits, dlogits.sum(axis=0)         # Z×K, K
+            dtheta = back(dlogits @ params[2].T)                   # B×Z
+            if self.cfg.normalize == "theta":                      # through Θ = A/‖A‖
+                dtheta = (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
+            if not np.all(np.isfinite(dtheta)):
+                raise Diverged("non-finite gradients")
+            dA = dtheta.astype(self.dtype, copy=False)
         dWz = X.T @ dA                                             # D×Z = (D×B)(B×Z), the big product
         return loss, [dWz, dA.sum(axis=0), dWh, dbh]
 

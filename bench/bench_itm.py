@@ -11,7 +11,6 @@ depend on the machine and on what else runs on it.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -107,12 +106,13 @@ def torch_naive_seconds(E, y, cfg, iterations=5):
 
 
 def peak_memory_mb(N, D, K):
-    """Peak RSS of a fresh process: after building the features, and after scoring them once."""
-    code = (f"import sys, resource; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+    """Peak RSS (VmHWM: ru_maxrss would include the parent's RSS at fork) of a fresh process: after
+    building the features, and after scoring them once."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             "import bench_itm as b, itm; "
-            f"E, y = b.synthetic({N}, {D}, {K}); "
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; itm.itm_score(E, y); "
-            "print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024; "
+            f"E, y = b.synthetic({N}, {D}, {K}); before = hwm(); itm.itm_score(E, y); "
+            "print(before, hwm())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.split())
     return before, after, N * D * 4 / 2 ** 20
