@@ -6,7 +6,6 @@ np.cov, scipy's generalized eigh, np.linalg.pinv, slogdet, np.corrcoef + scipy.s
 ...) and shares no code with baselines.py.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -179,6 +178,10 @@ def naive_nearest_mean(X, y):
 def naive_energy(X, percent=0.5):
     e = scipy.special.logsumexp(X.astype(np.float64), axis=-1)
     return e[np.argsort(e)[: int(percent * 10) * len(e) // 1000]].mean()
+
+
+def naive_energy_all(X):
+    return scipy.special.logsumexp(X.astype(np.float64), axis=-1)
 
 
 def naive_ped(X, y, G, steps=6, time_step=0.1, nsigma=0.6, exit_ratio=0.5, eps=1e-3):
@@ -409,11 +412,8 @@ def test_etran_lda_is_identity_covariance_nearest_mean(small):
 def test_etran_energy_matches_naive():
     X, y = synth(N=2400, D=32, C=3, seed=4)
     assert rel(B.etran_energy(X), naive_energy(X)) < 1e-12
+    # N < 200: the reference's slice is empty (NaN); we keep the single lowest energy
     assert B.etran_energy(X[:100]) == pytest.approx(np.min(naive_energy_all(X[:100])))
-
-
-def naive_energy_all(X):
-    return scipy.special.logsumexp(X.astype(np.float64), axis=-1)
 
 
 def test_ped_matches_naive(small):
@@ -477,6 +477,15 @@ def test_parc_matches_corrcoef_and_spearmanr():
     Xd = np.repeat(X[:100], 2, axis=0)
     yd = np.repeat(y[:100], 2)
     assert rel(B.parc(Xd, yd), naive_parc(Xd, yd)) < 1e-7
+
+
+def test_rank_correlation_with_ties_matches_scipy():
+    """PARC's Spearman step on heavily tied values: average ranks and the tie correction."""
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 20, 5000).astype(np.float64)
+    same = rng.random(5000) < 0.2
+    expected = scipy.stats.spearmanr(v, ~same)[0]
+    assert B._spearman_binary(v.copy(), v[same]) == pytest.approx(expected, rel=1e-12)
 
 
 def test_leep_and_nce_match_naive(small):
@@ -594,6 +603,38 @@ def test_inputs_are_not_modified(small):
         f(X, y)
     B.ped(X, y, reference_features=PED_REFERENCE)
     assert np.array_equal(X, Xc) and np.array_equal(y, yc)
+
+
+# ============================================================================ blocks and threads
+
+BLOCKED = {
+    "logme": B.logme, "sfda": B.sfda, "etran": B.etran, "transrate": B.transrate,
+    "reg_hscore": B.reg_hscore, "gbc": lambda X, y: B.gbc(X, y, pca_dim=None),
+    "ped": lambda X, y: B.ped(X, y, reference_features=PED_REFERENCE),
+}
+
+
+def test_row_blocks_on_threads_give_the_same_scores(small, monkeypatch):
+    """Many 64-row blocks spread over the worker threads: same values as one block."""
+    X, y = small
+    expected = {name: f(X, y) for name, f in BLOCKED.items()}
+    monkeypatch.setattr(B, "_BLOCK_VALUES", 1)
+    assert len(B._row_blocks(*X.shape)) == 10
+    for name, f in BLOCKED.items():
+        assert f(X, y) == pytest.approx(expected[name], rel=1e-12, abs=1e-14), name
+
+
+def test_large_float32_pca_uses_float32_products(small, monkeypatch):
+    """Above the size threshold float32 input gets float32 Gram products, as scikit-learn's
+    PCA keeps float32: the leading components, hence NCTI, move by far less than 1e-5."""
+    X, y = small
+    exact = B.ncti_parts(X, y)
+    monkeypatch.setattr(B, "_LARGE_GRAM", 0)
+    fast = B.ncti_parts(X, y)
+    assert fast != exact
+    for key in exact:
+        assert fast[key] == pytest.approx(exact[key], rel=1e-5)
+    assert B.ncti_parts(X.astype(np.float64), y) == pytest.approx(exact, rel=1e-12)
 
 
 # ============================================================================ subsampling caps
