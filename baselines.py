@@ -1446,6 +1446,11 @@ def _load_inputs(args):
         models = {m: models[m] for m in wanted}
     if not models:
         raise _CLIError(f"{args.features} holds no feature arrays")
+    dense = [m for m, F in models.items() if np.ndim(F) == 4]
+    if dense or np.ndim(labels) == 3:
+        raise _CLIError("these baselines score one label per image; dense (segmentation) input — "
+                        f"features N×h×w×D{' (' + dense[0] + ')' if dense else ''} or label maps — "
+                        "is scored by itm.py only")
     reference = {}
     if args.reference:
         with np.load(args.reference, allow_pickle=False) as npz:

@@ -799,3 +799,12 @@ def test_cli_subprocess_bad_labels(tmp_path):
     run = subprocess.run([sys.executable, B.__file__, "--features", str(tmp_path / "f.npz")],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 1 and "no labels" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_says_dense_input_is_not_for_baselines(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "dense.npz", labels=rng.integers(0, 3, (10, 8, 8)).astype(np.uint8),
+             m=rng.standard_normal((10, 4, 4, 5)).astype(np.float16))
+    assert B.main(["--features", str(tmp_path / "dense.npz"), "--methods", "logme"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "itm.py only" in err[0] and "segmentation" in err[0]
