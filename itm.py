@@ -317,35 +317,39 @@ softmax_ce = _dispatch(_softmax_ce_np, _njit(_softmax_ce_loop))
 
 # -- AdamW, exactly torch.optim.AdamW (decoupled weight decay, bias-corrected moments) ----------------
 
-def _adamw_np(p, g, m, v, lr, wd, b1, b2, eps, step):
-    """One in-place AdamW step of one tensor (torch.optim.AdamW's single-tensor arithmetic)."""
-    p *= 1.0 - lr * wd
-    if 1.0 - b1 < 0.5:                              # torch: exp_avg.lerp_(grad, 1 − β1), both branches
-        m += (1.0 - b1) * (g - m)
+def _adamw_np(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
+    p *= decay
+    if lerp_low:                                    # torch: exp_avg.lerp_(grad, 1 − β1), both branches
+        m += c1 * (g - m)
     else:
         m[...] = g - (g - m) * b1
     v *= b2
-    v += (1.0 - b2) * g * g
-    denom = np.sqrt(v) / math.sqrt(1.0 - b2 ** step) + eps
-    p -= (lr / (1.0 - b1 ** step)) * m / denom
+    v += c2 * g * g
+    p -= step_size * m / (np.sqrt(v) / bc2 + eps)
 
 
-def _adamw_loop(p, g, m, v, lr, wd, b1, b2, eps, step):
+def _adamw_loop(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
     pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
-    decay = 1.0 - lr * wd
-    step_size = lr / (1.0 - b1 ** step)
-    bc2 = math.sqrt(1.0 - b2 ** step)
+    if lerp_low:                                    # branch outside the loops so both vectorise
+        for i in range(pf.shape[0]):
+            mf[i] += c1 * (gf[i] - mf[i])
+    else:
+        for i in range(pf.shape[0]):
+            mf[i] = gf[i] - (gf[i] - mf[i]) * b1
     for i in range(pf.shape[0]):
-        gi = gf[i]
-        if 1.0 - b1 < 0.5:
-            mf[i] += (1.0 - b1) * (gi - mf[i])
-        else:
-            mf[i] = gi - (gi - mf[i]) * b1
-        vf[i] = vf[i] * b2 + (1.0 - b2) * gi * gi
+        vf[i] = vf[i] * b2 + c2 * gf[i] * gf[i]
         pf[i] = pf[i] * decay - step_size * mf[i] / (math.sqrt(vf[i]) / bc2 + eps)
 
 
-adamw_step = _dispatch(_adamw_np, _njit(_adamw_loop))
+_adamw = _dispatch(_adamw_np, _njit(_adamw_loop))
+
+
+def adamw_step(p, g, m, v, lr, wd, b1, b2, eps, step):
+    """One in-place AdamW step of one tensor with torch.optim.AdamW's arithmetic, in p's dtype (as
+    torch computes a float32 parameter's step in float32)."""
+    t = p.dtype.type
+    _adamw(p, g, m, v, t(1.0 - lr * wd), t(1.0 - b1), t(b1), t(1.0 - b2), t(b2),
+           t(lr / (1.0 - b1 ** step)), t(math.sqrt(1.0 - b2 ** step)), t(eps), 1.0 - b1 < 0.5)
 
 
 # -- row normalisation + centre gathering: Θ = A/‖A‖, T = Ê[y], R = Θ − T -----------------------------
