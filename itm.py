@@ -1219,9 +1219,11 @@ def _report(ranking, truth, args, source):
             for i, (name, r) in enumerate(ranking)], "weighted_tau": tau}))
         return
     width = max(len("model"), *(len(name) for name, _ in ranking))
-    print(f"{'rank':>4}  {'model':<{width}}  {'score':>6}  {'n':>4}  {'seconds':>7}")
+    extra = f"  {'fine-tuned':>10}" if truth is not None else ""
+    print(f"{'rank':>4}  {'model':<{width}}  {'score':>6}  {'n':>4}  {'seconds':>7}{extra}")
     for rank_, name, score, n, secs, diverged in rows:
-        print(f"{rank_:>4}  {name:<{width}}  {'nan' if diverged else score:>6}  {n:>4}  {secs:>7}")
+        extra = f"  {truth[name]:>10.4g}" if truth is not None else ""
+        print(f"{rank_:>4}  {name:<{width}}  {'nan' if diverged else score:>6}  {n:>4}  {secs:>7}{extra}")
     if tau is not None:
         print(f"weighted Kendall tau_w vs fine-tuned accuracy: {tau:.3f}")
 
