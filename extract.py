@@ -992,20 +992,27 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def run_model(model: nn.Module, transform, dataset, *, batch_size: int = 64, workers: int = 0,
-              device: str = "auto", desc: str = "extract", progress: bool = True):
-    """Features (float32, N x D), labels (int64) and images/s of `model` over `dataset` in order."""
+def _prepare_run(model, items, batch_size, workers, device):
+    """(model on its device in eval mode, device, an in-order DataLoader over items, autocast context):
+    channels_last and cuDNN autotuning on CUDA, bf16/fp16 autocast where the device has it."""
     dev = resolve_device(device)
     model = model.eval().to(dev)
     amp = autocast_dtype(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    loader = torch.utils.data.DataLoader(
-        _Transformed(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=dev.type == "cuda")
-    feats, labels, bar = [], [], _Progress(len(dataset), desc, progress)
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, pin_memory=dev.type == "cuda")
     ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    return model, dev, loader, ctx
+
+
+def run_model(model: nn.Module, transform, dataset, *, batch_size: int = 64, workers: int = 0,
+              device: str = "auto", desc: str = "extract", progress: bool = True):
+    """Features (float32, N x D), labels (int64) and images/s of `model` over `dataset` in order."""
+    model, dev, loader, ctx = _prepare_run(model, _Transformed(dataset, transform), batch_size, workers,
+                                           device)
+    feats, labels, bar = [], [], _Progress(len(dataset), desc, progress)
     start = time.perf_counter()
     try:
         with torch.inference_mode(), ctx:
@@ -1100,17 +1107,9 @@ def run_dense(model: nn.Module, transform: DenseTransform, dataset, *, batch_siz
     `model` (a ``dense_model``) over a dataset of (image, mask) items in order."""
     if dtype not in ("float16", "float32"):
         raise ExtractError(f"--dtype must be float16 or float32, not {dtype!r}")
-    dev = resolve_device(device)
-    model = model.eval().to(dev)
-    amp = autocast_dtype(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    loader = torch.utils.data.DataLoader(
-        _DensePairs(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=dev.type == "cuda")
+    model, dev, loader, ctx = _prepare_run(model, _DensePairs(dataset, transform), batch_size, workers,
+                                           device)
     feats, maps, bar, n = None, None, _Progress(len(dataset), desc, progress), 0
-    ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     start = time.perf_counter()
     try:
         with torch.inference_mode(), ctx:
