@@ -496,31 +496,63 @@ def propagate(theta, T, n, eta, scale, want_grad=False):
     return _propagate_kernel(theta, T, n, eta, scale, want_grad)
 
 
+def propagate_logits(theta, T, n, eta, scale, Wh, bh, want_grad=False):
+    """logits = E⁽ⁿ⁾W_h + b_h (B×K); with want_grad also dlogits → (dΘ, dW_h). Same as propagate
+    followed by h, but the Z ≤ B branch never forms E⁽ⁿ⁾ = ΘM: logits = Θ(M·W_h), which saves three
+    of its B×Z×Z products per training step."""
+    if theta.shape[1] > theta.shape[0]:
+        return _with_head(*_propagate_kernel(theta, T, n, eta, scale, want_grad), Wh, bh)
+    g = _Gram(theta, T, n, eta, scale)
+    MW = (g.M @ Wh).astype(theta.dtype)               # Z×K
+    logits = theta @ MW + bh                           # B×K
+    if not want_grad:
+        return logits, None
+
+    def backward(dlogits):
+        U = (theta.T @ dlogits).astype(np.float64)     # Z×K
+        return g.dtheta(dlogits @ MW.T, U @ Wh.T), (g.M.T @ U).astype(theta.dtype)  # E = ΘM ⇒ dM = ΘᵀdE
+    return logits, backward
+
+
+def _with_head(E, back, Wh, bh):
+    """h on top of a propagation that forms E: logits and dlogits → (dΘ, dW_h)."""
+    logits = E @ Wh + bh
+    if back is None:
+        return logits, None
+    return logits, lambda dlogits: (back(dlogits @ Wh.T), E.T @ dlogits)
+
+
+class _Gram:
+    """The Z ≤ B closed form: E = R + sΘφ(G)ΘᵀR + T = Θ(I + s·φ(G)ΘᵀR) = ΘM, G = s·ΘᵀΘ (Z×Z).
+    B×Z×Z products run in Θ's dtype; the Z×Z spectral part in float64."""
+
+    def __init__(self, theta, T, n, eta, s):
+        self.theta, self.n, self.eta, self.s = theta, n, eta, s
+        self.lam, self.V = _eigh(s * (theta.T @ theta), eta)   # G, Z×Z = (Z×B)(B×Z)
+        self.R = theta - T
+        self.X = (theta.T @ self.R).astype(np.float64)         # Z×Z
+        with _one_blas_thread():
+            self.P = (self.V * phi(self.lam, n, eta)) @ self.V.T   # φ(G), Z×Z
+            self.M = s * (self.P @ self.X)
+            self.M[np.diag_indices_from(self.M)] += 1.0
+
+    def dtheta(self, dE_Mt, dM):
+        """dΘ (B×Z) from dE·Mᵀ (B×Z, the path E = ΘM) and dM (Z×Z, float64)."""
+        s, V, dt = self.s, self.V, self.theta.dtype
+        with _one_blas_thread():
+            dP = s * (dM @ self.X.T)
+            dX = s * (self.P @ dM)
+            dG = V @ ((V.T @ dP @ V) * psi(self.lam, self.n, self.eta, 2)) @ V.T   # Daleckii–Krein
+            Q = dX + s * (dG + dG.T)                   # through R = Θ − T and G = s·ΘᵀΘ
+        return dE_Mt + self.theta @ Q.astype(dt) + self.R @ dX.T.astype(dt)   # last: X = ΘᵀR
+
+
 def _propagate_gram(theta, T, n, eta, s, want_grad):
-    # E = R + sΘφ(G)ΘᵀR + T = Θ(I + s·φ(G)ΘᵀR) = ΘM: one B×Z×Z product once M (Z×Z) is known.
-    # B×Z×Z products run in Θ's dtype; the Z×Z spectral part in float64.
-    dt = theta.dtype
-    G = s * (theta.T @ theta)                          # Z×Z = (Z×B)(B×Z)
-    lam, V = _eigh(G, eta)
-    R = theta - T
-    X = (theta.T @ R).astype(np.float64)               # Z×Z
-    with _one_blas_thread():
-        P = (V * phi(lam, n, eta)) @ V.T               # φ(G), Z×Z
-        M = s * (P @ X)
-        M[np.diag_indices_from(M)] += 1.0
-    E = theta @ M.astype(dt)                           # B×Z
+    g = _Gram(theta, T, n, eta, s)
+    E = theta @ g.M.astype(theta.dtype)                # B×Z
     if not want_grad:
         return E, None
-
-    def backward(dE):
-        dM = (theta.T @ dE).astype(np.float64)         # Z×Z
-        with _one_blas_thread():
-            dP = s * (dM @ X.T)
-            dX = s * (P @ dM)
-            dG = V @ ((V.T @ dP @ V) * psi(lam, n, eta, 2)) @ V.T   # Daleckii–Krein, Z×Z
-            Q = dX + s * (dG + dG.T)                   # through R = Θ − T and G = s·ΘᵀΘ
-        return dE @ M.T.astype(dt) + theta @ Q.astype(dt) + R @ dX.T.astype(dt)  # B×Z; R: X = ΘᵀR
-    return E, backward
+    return E, lambda dE: g.dtheta(dE @ g.M.T.astype(theta.dtype), (theta.T @ dE).astype(np.float64))
 
 
 def _propagate_kernel(theta, T, n, eta, s, want_grad):
@@ -879,6 +911,7 @@ class _Model:
         return X
 
     def evolve(self, params, X, y, want_grad):
+        """logits (B×K) of a batch, Θ, its row norms, and dlogits → (dΘ, dW_h) when want_grad."""
         cfg, plan = self.cfg, self.plan
         Wz, bz, Wh, bh = params
         A = X @ Wz + bz                                            # B×Z = (B×D)(D×Z), the big product
@@ -886,28 +919,28 @@ class _Model:
             theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
             scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
             if cfg.mode == "closed":
-                E, back = propagate(theta, T, plan.n, cfg.eta, scale, want_grad)
+                logits, back = propagate_logits(theta, T, plan.n, cfg.eta, scale, Wh, bh, want_grad)
             else:
-                E, back = propagate_explicit(theta, T, plan.q[y].astype(theta.dtype), plan.n, cfg.eta,
-                                             scale, cfg.pc_loss, want_grad)
-            return E @ Wh + bh, E, theta, norms, back              # logits B×K
+                logits, back = _with_head(*propagate_explicit(
+                    theta, T, plan.q[y].astype(theta.dtype), plan.n, cfg.eta, scale, cfg.pc_loss,
+                    want_grad), Wh, bh)
+            return logits, theta, norms, back
 
     def loss_and_grads(self, params, rows):
         X, y = self.batch(rows), self.plan.y[rows]
-        logits, E, theta, norms, back = self.evolve(params, X, y, True)
+        logits, theta, norms, back = self.evolve(params, X, y, True)
         with _one_blas_thread():
             loss, dlogits = softmax_ce(logits, y)
             if not math.isfinite(loss):
                 raise Diverged("non-finite training loss")
-            dWh, dbh = E.T @ dlogits, dlogits.sum(axis=0)         # Z×K, K
-            dtheta = back(dlogits @ params[2].T)                   # B×Z
+            dtheta, dWh = back(dlogits)                            # B×Z, Z×K
             if self.cfg.normalize == "theta":                      # through Θ = A/‖A‖
                 dtheta = (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
             if not np.all(np.isfinite(dtheta)):
                 raise Diverged("non-finite gradients")
             dA = dtheta.astype(self.dtype, copy=False)
         dWz = X.T @ dA                                             # D×Z = (D×B)(B×Z), the big product
-        return loss, [dWz, dA.sum(axis=0), dWh, dbh]
+        return loss, [dWz, dA.sum(axis=0), dWh, dlogits.sum(axis=0)]
 
     def predict(self, params):
         """argmax of the evolved logits over the scoring part, cut into consecutive batches of B, each
