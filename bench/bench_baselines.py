@@ -89,6 +89,15 @@ def test_small(benchmark, name):
 
 
 @pytest.mark.benchmark(group="baselines N=3000 D=128 C=10")
+def test_small_itm(benchmark):
+    """ITM at default settings on the same set, in the same run, for the README's side-by-side table."""
+    import itm
+    X, y = section5()
+    itm.itm_score(X, y, iterations=2, eval_every=1)   # compile itm's kernels outside the timing
+    run(benchmark, itm.itm_score, X, y, rounds=3)
+
+
+@pytest.mark.benchmark(group="baselines N=3000 D=128 C=10")
 @pytest.mark.skipif(not HAVE_SKLEARN, reason="nleep needs scikit-learn")
 def test_small_nleep(benchmark):
     run(benchmark, B.nleep, *section5())
