@@ -30,6 +30,16 @@ G = ΘᵀΘ/B and φ(λ) = ((1 − ηλ)ⁿ − 1)/λ the push-through identity 
 an eigendecomposition of a Z×Z (or, when Z > B, B×B) matrix in float64, and the backward pass goes through
 the matrix function with the Daleckii–Krein formula. The cost is independent of n.
 
+Choices the paper leaves open (SPEC.md of the reference repository), in brief:
+  * Θ's rows are scaled to unit norm (Config.normalize="theta"): read literally, training grows ‖Θ‖
+    until (I − ηC)ⁿ explodes on real features; with unit rows every eigenvalue of C is ≤ 1. The literal
+    reading is normalize="none"; a run whose propagation expands is reported diverged (score NaN).
+  * A stratified, seeded 4/5 : 1/5 split trains and scores; the score is the best scoring accuracy
+    (percent) over the checkpoints every eval_every iterations and after the last.
+  * Adaptive n (Eq. 9) from the training part; one-hot centres shifted by the features' scalar μ, σ.
+  * Dense input (N×h×w×D features, N×H×W label maps, 255 = ignore) is semantic segmentation: every
+    labelled position is a sample, the split is by image, the score is pixel accuracy (or mean IoU).
+
 Runs with NumPy alone; numba (optional) compiles the fused element-wise kernels on first use
 (`ITM_NO_NUMBA=1` disables it). threadpoolctl (optional) keeps the small LAPACK calls single-threaded.
 """
