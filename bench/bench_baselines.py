@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # so `pytest bench` works without an installed pa
 import baselines as B  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from test_baselines import naive_fda, naive_logme  # noqa: E402  (the tests' oracles = published code)
+from test_baselines import naive_fda, naive_logme, naive_ncti  # noqa: E402  (the tests' oracles = published code)
 
 BIG = (50_000, 2048, 100)
 REFERENCE = os.environ.get("BASELINES_BENCH_REFERENCE", "1") not in ("0", "")
@@ -168,18 +168,8 @@ def reference_etran(X, y):
 
 
 def reference_ncti(X, y):
-    """BUserName/NCTI ``NCTI_Score`` (scikit-learn PCA + LinearDiscriminantAnalysis)."""
-    from sklearn.decomposition import PCA
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis as LDA
-    pca = PCA(n_components=64)
-    Z = pca.fit_transform(X)
-    temp = max(np.exp(-pca.explained_variance_[:32].sum()), 1e-10)
-    clf = LDA(solver="svd") if temp == 1e-10 else LDA(solver="eigen", shrinkage=float(temp))
-    low = clf.fit_transform(Z, y)
-    low = low - low.mean(axis=0, keepdims=True)
-    P = clf.predict_proba(Z)
-    nuc = sum(np.linalg.norm(P[y == c], ord="nuc") for c in range(int(y.max()) + 1))
-    return np.linalg.norm(low, ord="nuc"), P[np.arange(len(y)), y].mean(), np.log(nuc)
+    """BUserName/NCTI ``NCTI_Score`` (scikit-learn PCA + LinearDiscriminantAnalysis), on float32 input."""
+    return naive_ncti(X, y, float64=False)
 
 
 REFERENCES = {"logme": reference_logme, "sfda": reference_sfda, "etran": reference_etran,

@@ -211,11 +211,13 @@ def naive_ped(X, y, G, steps=6, time_step=0.1, nsigma=0.6, exit_ratio=0.5, eps=1
     return naive_sfda(X, y)
 
 
-def naive_ncti(X, y):
+def naive_ncti(X, y, float64=True):
+    """BUserName/NCTI ``NCTI_Score`` (scikit-learn PCA + LinearDiscriminantAnalysis); float64=False
+    keeps the input dtype, as the published code does (the benchmark times it so)."""
     from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis as LDA
     pca = PCA(n_components=min(64, *X.shape))
-    Z = pca.fit_transform(X.astype(np.float64))
+    Z = pca.fit_transform(X.astype(np.float64) if float64 else X)
     temp = max(np.exp(-pca.explained_variance_[:32].sum()), 1e-10)
     clf = LDA(solver="svd") if temp == 1e-10 else LDA(solver="eigen", shrinkage=float(temp))
     low = clf.fit_transform(Z, y)
