@@ -461,17 +461,25 @@ def _work_dtype(E):
 # ----------------------------------------------------------------------------------------------------
 # The deparametric propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T and its backward pass (SPEC §2).
 
-_THREADS = []  # the ThreadpoolController, made on first use (it inspects the loaded libraries)
+_THREADS = {"controller": None, "limited": False}  # controller made on first use (it scans libraries)
 
 
+@contextlib.contextmanager
 def _one_blas_thread(active=True):
     """Small LAPACK/BLAS calls are far slower with several OpenBLAS threads (measured here: eigh of a
-    100×100 matrix 1.3 ms with one thread, 10–110 ms with two on a busy 2-core machine)."""
-    if ThreadpoolController is None or not active:
-        return contextlib.nullcontext()
-    if not _THREADS:
-        _THREADS.append(ThreadpoolController())
-    return _THREADS[0].limit(limits=1, user_api="blas")
+    100×100 matrix 1.3 ms with one thread, 10–110 ms with two on a busy 2-core machine). Nested uses
+    inside an active limit cost nothing: only the outermost one sets and restores the thread count."""
+    if ThreadpoolController is None or not active or _THREADS["limited"]:
+        yield
+        return
+    if _THREADS["controller"] is None:
+        _THREADS["controller"] = ThreadpoolController()
+    with _THREADS["controller"].limit(limits=1, user_api="blas"):
+        _THREADS["limited"] = True
+        try:
+            yield
+        finally:
+            _THREADS["limited"] = False
 
 
 def _small_products(B, D, Z):
