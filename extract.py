@@ -1007,6 +1007,16 @@ def _prepare_run(model, items, batch_size, workers, device):
     return model, dev, loader, ctx
 
 
+def _forward(model, dev, loader, ctx):
+    """(model output as float32 on the CPU, the batch's second item) for each batch, in order."""
+    with torch.inference_mode(), ctx:
+        for x, extra in loader:
+            x = x.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield model(x).float().cpu(), extra
+
+
 def run_model(model: nn.Module, transform, dataset, *, batch_size: int = 64, workers: int = 0,
               device: str = "auto", desc: str = "extract", progress: bool = True):
     """Features (float32, N x D), labels (int64) and images/s of `model` over `dataset` in order."""
@@ -1015,14 +1025,10 @@ def run_model(model: nn.Module, transform, dataset, *, batch_size: int = 64, wor
     feats, labels, bar = [], [], _Progress(len(dataset), desc, progress)
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), ctx:
-            for x, y in loader:
-                x = x.to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                feats.append(model(x).float().flatten(1).cpu())
-                labels.append(y)
-                bar.update(len(y))
+        for out, y in _forward(model, dev, loader, ctx):
+            feats.append(out.flatten(1))
+            labels.append(y)
+            bar.update(len(y))
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -1112,20 +1118,16 @@ def run_dense(model: nn.Module, transform: DenseTransform, dataset, *, batch_siz
     feats, maps, bar, n = None, None, _Progress(len(dataset), desc, progress), 0
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), ctx:
-            for x, m in loader:
-                x = x.to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                f = model(x).float().cpu().numpy()
-                if dtype == "float16" and np.abs(f).max(initial=0) > np.finfo(np.float16).max:
-                    raise ExtractError(f"{desc}: features exceed the float16 range; use --dtype float32")
-                if feats is None:  # preallocated in the output dtype: N x h x w x D float32 can be GBs
-                    feats = np.empty((len(dataset), *f.shape[1:]), dtype=dtype)
-                    maps = np.empty((len(dataset), *m.shape[1:]), dtype=np.uint8)
-                feats[n:n + len(f)], maps[n:n + len(f)] = f, m.numpy()
-                n += len(f)
-                bar.update(len(f))
+        for out, m in _forward(model, dev, loader, ctx):
+            f = out.numpy()
+            if dtype == "float16" and np.abs(f).max(initial=0) > np.finfo(np.float16).max:
+                raise ExtractError(f"{desc}: features exceed the float16 range; use --dtype float32")
+            if feats is None:  # preallocated in the output dtype: N x h x w x D float32 can be GBs
+                feats = np.empty((len(dataset), *f.shape[1:]), dtype=dtype)
+                maps = np.empty((len(dataset), *m.shape[1:]), dtype=np.uint8)
+            feats[n:n + len(f)], maps[n:n + len(f)] = f, m.numpy()
+            n += len(f)
+            bar.update(len(f))
     finally:
         bar.close()
     seconds = time.perf_counter() - start
