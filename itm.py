@@ -158,10 +158,10 @@ class Diverged(ArithmeticError):
 # Kernels. Each has a vectorised NumPy version (the reference, and the fallback) and, where fusing the
 # element-wise work pays, a numba loop compiled lazily on first use. Kernels do no I/O.
 
-def _njit(fn):
+def _njit(fn, **options):
     # error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops
     # need no zero test and vectorise (AdamW's loop at D×Z = 2048×100: 6.6× faster, the same bits)
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if HAVE_NUMBA else None
+    return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(fn) if HAVE_NUMBA else None
 
 
 def _dispatch(numpy_version, numba_version):
@@ -284,10 +284,24 @@ if HAVE_NUMBA:
 psi = _dispatch(_psi_np, _njit(_psi_loop))
 
 
+def _phi_np(lam, n, eta):
+    return _fdd1_np(lam, np.zeros_like(lam), n, eta)
+
+
+def _phi_loop(lam, n, eta):
+    out = np.empty_like(lam)
+    for i in range(lam.shape[0]):
+        out[i] = _fdd1_scalar(lam[i], 0.0, n, eta)
+    return out
+
+
+_phi = _dispatch(_phi_np, _njit(_phi_loop))
+
+
 def phi(lam, n, eta):
     """φ(λ) = ((1 − ηλ)ⁿ − 1)/λ, φ(0) = −nη, elementwise and without cancellation."""
     lam = np.asarray(lam, dtype=np.float64)
-    return _fdd1_np(lam, np.zeros_like(lam), n, eta)
+    return _phi(lam.reshape(-1), n, eta).reshape(lam.shape)
 
 
 # -- softmax cross-entropy ----------------------------------------------------------------------------
@@ -398,23 +412,45 @@ def _chunks(rows, D):
     return (rows[start:start + step] for start in range(0, rows.size, step))
 
 
+def _stream(E, rows, y, dtype):
+    """E in storage order, ~1M values a chunk, as (chunk in dtype, class of each of its rows): the class
+    is y for the rows in `rows` and −1 (skip) for the others. Reading in order needs no gather: for
+    float32 features the chunks are views, and the memory is read sequentially."""
+    cls = np.full(E.shape[0], -1, dtype=np.int64)
+    cls[rows] = y[rows]
+    step = max(1, (1 << 20) // max(E.shape[1], 1))
+    for start in range(0, E.shape[0], step):
+        yield convert(E[start:start + step], dtype), cls[start:start + step]
+
+
 _F16 = []  # float16 → float32 lookup table (65,536 entries, 256 KB), built on first use
 
 
-def gather(E, rows, dtype):
-    """E[rows] as dtype. float16 (what extract.py writes) goes through a lookup table: exact, and 3–4×
-    faster than astype here."""
-    if E.dtype == np.float16:
+def convert(X, dtype):
+    """X as dtype (no copy when it already is). float16 (what extract.py writes) goes through a lookup
+    table: exact, and 3–4× faster than astype here."""
+    if X.dtype == np.float16:
         if not _F16:
             _F16.append(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
                         .astype(np.float32))
-        X = np.take(_F16[0], E[rows].view(np.uint16))
+        X = np.take(_F16[0], X.view(np.uint16))
         return X if dtype == np.float32 else X.astype(dtype)
-    return E[rows].astype(dtype, copy=False)
+    return X.astype(dtype, copy=False)
+
+
+def gather(E, rows, dtype):
+    """E[rows] as dtype."""
+    return convert(E[rows], dtype)
 
 
 def _accumulate_np(X, yc, sums, s1, s2, x0):
-    """Add a chunk X (rows×D, labels yc sorted) to the class sums (K×D) and the moments around x₀ (D)."""
+    """Add the rows of a chunk X (rows×D) whose class yc is ≥ 0 to the class sums (K×D) and to the
+    moments around x₀ (D); rows of class −1 are skipped."""
+    order = np.argsort(yc, kind="stable")
+    order = order[yc[order] >= 0]
+    if order.size == 0:
+        return
+    X, yc = X[order], yc[order]                          # class-contiguous: class sums are segment sums
     heads = np.flatnonzero(np.r_[True, yc[1:] != yc[:-1]])
     sums[yc[heads]] += np.add.reduceat(X, heads, axis=0, dtype=np.float64)
     Xs = X - x0                                          # chunk×D, float64
@@ -425,6 +461,8 @@ def _accumulate_np(X, yc, sums, s1, s2, x0):
 def _accumulate_loop(X, yc, sums, s1, s2, x0):
     for i in range(X.shape[0]):
         k = yc[i]
+        if k < 0:
+            continue
         for d in range(X.shape[1]):
             x = float(X[i, d])
             sums[k, d] += x
@@ -436,8 +474,9 @@ accumulate = _dispatch(_accumulate_np, _njit(_accumulate_loop))
 
 
 def _distance_sum_np(X, yc, means, inv_std):
-    """Σ over rows of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the difference."""
-    Xd = (X - means[yc]) * inv_std                       # chunk×D
+    """Σ over rows of class ≥ 0 of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the difference."""
+    keep = yc >= 0
+    Xd = (X[keep] - means[yc[keep]]) * inv_std           # rows×D
     return float(np.sqrt(np.einsum("nd,nd->n", Xd, Xd)).sum())
 
 
@@ -445,6 +484,8 @@ def _distance_sum_loop(X, yc, means, inv_std):
     total = 0.0
     for i in range(X.shape[0]):
         k = yc[i]
+        if k < 0:
+            continue
         s = 0.0
         for d in range(X.shape[1]):
             x = (float(X[i, d]) - means[k, d]) * inv_std[d]
@@ -453,7 +494,8 @@ def _distance_sum_loop(X, yc, means, inv_std):
     return total
 
 
-distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop))
+# reassoc lets the sum over d vectorise (4× here); it changes only the order of the additions
+distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop, fastmath={"reassoc"}))
 
 
 def _work_dtype(E):
@@ -553,7 +595,7 @@ class _Gram:
         with _one_blas_thread():
             self.P = (self.V * phi(self.lam, n, eta)) @ self.V.T   # φ(G), Z×Z
             self.M = s * (self.P @ self.X)
-            self.M[np.diag_indices_from(self.M)] += 1.0
+            self.M.flat[::self.M.shape[0] + 1] += 1.0      # + I (a strided view: 20× cheaper than indices)
 
     def dtheta(self, dE_Mt, dM):
         """dΘ (B×Z) from dE·Mᵀ (B×Z, the path E = ΘM) and dM (Z×Z, float64)."""
@@ -785,14 +827,13 @@ def mean_iou(pred, y, K):
 
 
 def training_stats(E, rows, y, K):
-    """One pass over E[rows]: class sums (K×D) and per-dimension Σ(x − x₀), Σ(x − x₀)² (D), x₀ = the
-    first row (shifting keeps Σx² − (Σx)²/N well-conditioned)."""
-    rows = rows[np.argsort(y[rows], kind="stable")]    # class-contiguous: class sums are segment sums
+    """One pass over E: for the rows `rows`, class sums (K×D) and per-dimension Σ(x − x₀), Σ(x − x₀)² (D),
+    x₀ = the first of them (shifting keeps Σx² − (Σx)²/N well-conditioned)."""
     D = E.shape[1]
     sums, s1, s2 = np.zeros((K, D)), np.zeros(D), np.zeros(D)
     x0 = gather(E, rows[:1], np.float64)[0]
-    for r in _chunks(rows, D):
-        accumulate(gather(E, r, _work_dtype(E)), y[r], sums, s1, s2, x0)
+    for X, cls in _stream(E, rows, y, _work_dtype(E)):
+        accumulate(X, cls, sums, s1, s2, x0)
     return sums, s1, s2, x0
 
 
@@ -804,8 +845,7 @@ def adaptive_n(E, rows, y, K, cfg, stats=None):
     std = np.sqrt(np.maximum(s2 / N - (s1 / N) ** 2, 0.0))
     inv_std = np.where(std > 1e-12 * (1.0 + np.abs(sums.sum(0) / N)), 1.0 / np.where(std > 0, std, 1), 0)
     means = sums / np.maximum(np.bincount(y[rows], minlength=K), 1)[:, None]
-    dis = sum(distance_sum(gather(E, r, _work_dtype(E)), y[r], means, inv_std)
-              for r in _chunks(rows, E.shape[1])) / N
+    dis = sum(distance_sum(X, cls, means, inv_std) for X, cls in _stream(E, rows, y, _work_dtype(E))) / N
     if dis <= 0:
         return max(cfg.n_b, 1), dis
     n = math.ceil(math.log(cfg.dis_b / dis) / math.log(1.0 - cfg.eta0)) + cfg.n_b

@@ -167,7 +167,7 @@ def assert_close_to_largest(ours, exact, tol, floor):
 
 
 @pytest.mark.parametrize("case,n", lambda_cases())
-def test_phi_vs_decimal(case, n):
+def test_phi_vs_decimal(case, n, backend):
     """itm.phi against the exact f[λ, 0], entry by entry relative (φ never vanishes for ηλ < 2, n ≥ 1)."""
     lam = np.array(LAMBDAS[case])
     ours, exact = itm.phi(lam, n, ETA), phi_reference(lam, n, ETA)
