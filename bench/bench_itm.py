@@ -9,6 +9,7 @@ of the only large products ITM must do — E_b @ W_z and E_bᵀ @ dΘ for every 
 for every scoring batch — timed alone, in the same process. "eigh alone" times the float64
 eigendecompositions SPEC §2 requires (one per training step and per scoring batch), which lie on the
 critical path between those products: floor + eigh is a lower bound for any implementation of the SPEC.
+The script also times itm.rank over 4 models with jobs=1 and jobs=2 (throughput when ranking a zoo).
 Ratios are what to read; absolute seconds depend on the machine and on what else runs on it.
 """
 import argparse
@@ -30,12 +31,13 @@ SHAPES = {  # name: (N, D, K)
 }
 
 
-def synthetic(N, D, K, seed=0):
+def synthetic(N, D, K, seed=0, y=None):
     """Class means plus noise, rectified like pooled CNN features; float32, built without N×D temporaries
-    beyond the result itself."""
+    beyond the result itself. Labels are drawn from the seed unless given."""
     rng = np.random.default_rng(seed)
-    y = np.arange(N) % K
-    rng.shuffle(y)
+    if y is None:
+        y = np.arange(N) % K
+        rng.shuffle(y)
     means = (0.35 * rng.standard_normal((K, D))).astype(np.float32)
     E = rng.standard_normal((N, D), dtype=np.float32)
     for start in range(0, N, 8192):
@@ -123,6 +125,15 @@ def torch_naive_seconds(E, y, cfg, iterations=5):
     per_pass = time.perf_counter() - start
     checkpoints = -(-cfg.iterations // cfg.eval_every)
     return per_iteration * cfg.iterations + per_pass * checkpoints
+
+
+def rank_seconds_per_model(N, D, K, models, jobs):
+    """itm.rank over `models` synthetic models of one shape (same labels), wall seconds per model."""
+    y = synthetic(N, D, K)[1]
+    zoo = {f"m{i}": synthetic(N, D, K, seed=i, y=y)[0] for i in range(models)}
+    start = time.perf_counter()
+    itm.rank(zoo, y, jobs=jobs)
+    return (time.perf_counter() - start) / models
 
 
 def peak_memory_mb(N, D, K):
@@ -246,7 +257,7 @@ def main(argv=None):
         naive = float("nan") if args.no_torch else torch_naive_seconds(E, y, cfg)
         print(f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {eigh:.2f} | "
               f"{floor + eigh:.2f} | {ours / (floor + eigh):.2f} | {numpy_only:.2f} | {naive:.1f} | "
-              f"{naive / ours:.0f}× |", flush=True)
+              f"{naive / ours:.1f}× |", flush=True)
         del E
     F, maps = synthetic_dense()
     itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
@@ -257,6 +268,10 @@ def main(argv=None):
           f"labelled positions as a classification run, same iterations: {cls_s:.2f} s "
           f"(ratio {dense_s / cls_s:.2f})")
     del F, E
+    N, D, K = SHAPES["cifar100_r50"]
+    one, two = (rank_seconds_per_model(N, D, K, 4, jobs) for jobs in (1, 2))
+    print(f"\nranking 4 models of the CIFAR-100 shape: {one:.2f} s per model with jobs=1, {two:.2f} s per "
+          f"model with jobs=2 (two processes, one BLAS thread each)")
     before, after, feats = peak_memory_mb(*SHAPES["cifar100_r50"])
     print(f"\npeak RSS (CIFAR-100 shape): {before:.0f} MB after building the {feats:.0f} MB features, "
           f"{after:.0f} MB after scoring (budget 1.2 × features + 300 MB above the interpreter)")
