@@ -406,10 +406,16 @@ theta_and_targets = _dispatch(_theta_np, _njit(_theta_loop))
 
 # -- adaptive-n statistics: one pass for moments and class sums, one for the distances ----------------
 
-def _chunks(rows, D):
-    """Slices of rows holding ~1M values each, so a float64 chunk of E costs ~8 MB, whatever N and D."""
+def _slices(N, D):
+    """Consecutive slices of N rows of D values, ~1M values each, so a float64 chunk costs ~8 MB,
+    whatever N and D."""
     step = max(1, (1 << 20) // max(D, 1))
-    return (rows[start:start + step] for start in range(0, rows.size, step))
+    return (slice(start, start + step) for start in range(0, N, step))
+
+
+def _chunks(rows, D):
+    """The row indices `rows` in pieces of ~1M values (see _slices)."""
+    return (rows[s] for s in _slices(rows.size, D))
 
 
 def _stream(E, rows, y, dtype):
@@ -418,9 +424,8 @@ def _stream(E, rows, y, dtype):
     float32 features the chunks are views, and the memory is read sequentially."""
     cls = np.full(E.shape[0], -1, dtype=np.int64)
     cls[rows] = y[rows]
-    step = max(1, (1 << 20) // max(E.shape[1], 1))
-    for start in range(0, E.shape[0], step):
-        yield convert(E[start:start + step], dtype), cls[start:start + step]
+    for s in _slices(*E.shape):
+        yield convert(E[s], dtype), cls[s]
 
 
 _F16 = []  # float16 → float32 lookup table (65,536 entries, 256 KB), built on first use
@@ -707,9 +712,9 @@ def _check_features(E, ndim=2):
         raise ValueError(f"features must be numeric, got dtype {E.dtype}")
     if as_rows(E).shape[0] < 2 or E.shape[-1] < 1:
         raise ValueError(f"features must have at least 2 samples and 1 dimension, got shape {E.shape}")
-    rows, step = as_rows(E), max(1, (1 << 20) // E.shape[-1])
-    for start in range(0, rows.shape[0], step):          # chunked: no N×D temporary
-        chunk = rows[start:start + step]
+    rows = as_rows(E)
+    for s in _slices(*rows.shape):                       # chunked: no N×D temporary
+        chunk = rows[s]
         if E.dtype == np.float16:                        # exponent bits all set: Inf or NaN
             bad = np.any((chunk.view(np.uint16) & 0x7C00) == 0x7C00)
         else:
