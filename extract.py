@@ -1188,21 +1188,31 @@ def _check_same_data(meta: dict, want: dict, out: Path) -> None:
                                "use another --out")
 
 
+def _resume(out: Path, want: dict, models: list[str], checkpoint, root, load, check=None):
+    """Open `out` for more models: its arrays, the models still to do and, when there are any, the
+    dataset (load() → (dataset, split used)) and the metadata to write. check(arrays) may reject the file."""
+    arrays, meta = read_output(out)
+    _check_same_data(meta, want, out)
+    if check is not None:
+        check(arrays)
+    todo = _todo(models, arrays, checkpoint)
+    if not todo:
+        return arrays, [], None, None
+    ds, used_split = load()
+    meta = {**want, "split_used": used_split, "root": str(root) if root else None, "n": len(ds),
+            "models": meta.get("models", {})}
+    return arrays, todo, ds, meta
+
+
 def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, root=None, split: str = "train",
                    download: bool = False, limit: int | None = None, checkpoint=None, arch=None, pool=None,
                    random_init: bool = False, batch_size: int = 64, workers: int = 0, device: str = "auto",
                    dtype: str = "float16", progress: bool = True) -> tuple[dict, list[str]]:
     """Extract every model not yet in `out` and save after each one. Returns (arrays, models extracted)."""
     out = Path(out)
-    arrays, meta = read_output(out)
     want = {"dataset": dataset, "split": split, "limit": limit}
-    _check_same_data(meta, want, out)
-    todo = _todo(models, arrays, checkpoint)
-    if not todo:
-        return arrays, []
-    ds, used_split = load_dataset(dataset, root, split, download, limit)
-    meta = {**want, "split_used": used_split, "root": str(root) if root else None, "n": len(ds),
-            "models": meta.get("models", {})}
+    arrays, todo, ds, meta = _resume(out, want, models, checkpoint, root,
+                                     lambda: load_dataset(dataset, root, split, download, limit))
     for name in todo:
         feats, labels, info = _extract_one(name, ds, checkpoint, arch, pool, random_init, batch_size,
                                            workers, device, progress)
@@ -1284,17 +1294,13 @@ def extract_dense_to_npz(models: list[str], dataset: str, out: str | Path, *, ro
     out = Path(out)
     if size < 1:
         raise ExtractError("--size must be >= 1")
-    arrays, meta = read_output(out)
     want = {"dataset": dataset, "split": split, "limit": limit, "dense": True, "size": size}
-    _check_same_data(meta, want, out)
-    if any(arrays[k].ndim != 4 for k in arrays if k != "labels"):
-        raise ExtractError(f"{out} holds classification features; use another --out")
-    todo = _todo(models, arrays, checkpoint)
-    if not todo:
-        return arrays, []
-    ds, used_split = load_seg_dataset(dataset, root, split, download, limit)
-    meta = {**want, "split_used": used_split, "root": str(root) if root else None, "n": len(ds),
-            "models": meta.get("models", {})}
+
+    def dense_only(arrays):
+        if any(arrays[k].ndim != 4 for k in arrays if k != "labels"):
+            raise ExtractError(f"{out} holds classification features; use another --out")
+    arrays, todo, ds, meta = _resume(out, want, models, checkpoint, root,
+                                     lambda: load_seg_dataset(dataset, root, split, download, limit), dense_only)
     full = None
     for name in todo:
         feats, maps, info = _extract_dense_one(name, ds, size, checkpoint, arch, random_init, batch_size,

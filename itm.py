@@ -479,7 +479,8 @@ accumulate = _dispatch(_accumulate_np, _njit(_accumulate_loop))
 
 
 def _distance_sum_np(X, yc, means, inv_std):
-    """Σ over rows of class ≥ 0 of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the difference."""
+    """Σ over rows of class ≥ 0 of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the
+    difference."""
     keep = yc >= 0
     Xd = (X[keep] - means[yc[keep]]) * inv_std           # rows×D
     return float(np.sqrt(np.einsum("nd,nd->n", Xd, Xd)).sum())
