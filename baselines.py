@@ -81,6 +81,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+try:  # installed: a module of the itm_transferability package; in a checkout or vendored: beside itm.py
+    from . import itm
+except ImportError:
+    import itm
+
 try:
     if os.environ.get("ITM_NO_NUMBA", "") not in ("", "0"):
         raise ImportError("disabled by ITM_NO_NUMBA")

@@ -147,6 +147,11 @@ import torchvision
 from torch import nn
 from torchvision import transforms as T
 
+try:  # installed: a module of the itm_transferability package; in a checkout or vendored: beside itm.py
+    from . import itm
+except ImportError:
+    import itm
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -1253,7 +1258,6 @@ def _extract_one(name, ds, checkpoint, arch, pool, random_init, batch_size, work
 def grid_labels(maps: np.ndarray, h: int, w: int) -> np.ndarray:
     """Label maps N x H x W -> N x h x w (uint8): per-cell majority of labelled pixels, 255 where a cell has
     none -- the rule of ``itm.downsample_labels``, which itm.py applies to full-resolution maps."""
-    import itm  # NumPy only
     return itm.downsample_labels(maps, h, w).astype(np.uint8)
 
 

@@ -1203,7 +1203,7 @@ def bundled_example():
     path = os.path.join(EXAMPLE_DIR, "flowers17_8models.npz")
     if os.path.exists(path):
         feature_sets, labels = load_features(path)
-        truth = _load_truth(os.path.join(EXAMPLE_DIR, "flowers17_8models_truth.json"))
+        truth = load_truth(os.path.join(EXAMPLE_DIR, "flowers17_8models_truth.json"))
         return feature_sets, labels, truth, ("bundled example: 8 real pre-trained models on Flowers-17 "
                                              "(examples/), scored against their real fine-tuning accuracy")
     feature_sets, labels, truth = synthetic_zoo()
@@ -1212,50 +1212,138 @@ def bundled_example():
 
 
 def load_features(path, labels_path=None, models=None):
-    """Read {model: N×D} from an .npz (a 'labels' key is used when labels_path is None)."""
+    """Read ({model: features}, labels) from one of three layouts:
+
+    * an .npz with one array per model (and a 'labels' array, used when labels_path is None);
+    * a single .npy: one model, named by the file's stem (labels_path required);
+    * a folder of <model>.npy files plus labels.npy (or labels_path), memory-mapped, for pools too large
+      to hold in memory at once.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        feature_sets, labels = _load_folder(path, labels_path)
+    elif path.endswith(".npy"):
+        if labels_path is None:
+            raise ValueError(f"{path} is a single model's features; pass its labels (--labels y.npy)")
+        feature_sets, labels = {os.path.basename(path)[:-4]: _load_npy(path, mmap=True)}, None
+    else:
+        feature_sets, labels = _load_npz(path)
+    if not feature_sets:
+        raise ValueError(f"{path} holds no model arrays")
+    if models:
+        missing = sorted(set(models) - set(feature_sets))
+        if missing:
+            raise ValueError(f"model(s) not in {path}: {', '.join(missing)}")
+        feature_sets = {m: feature_sets[m] for m in models}
+    if labels_path is not None:
+        labels = _load_npy(labels_path, what="labels")
+    elif labels is None:
+        raise ValueError(f"{path} has no 'labels' array; pass --labels y.npy")
+    return feature_sets, labels
+
+
+def _load_npy(path, mmap=False, what="features"):
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"{what} file not found: {path}") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"cannot read {what} file {path}: {_one_line(err)}") from None
+
+
+def _load_folder(path, labels_path):
+    names = sorted(f[:-4] for f in os.listdir(path) if f.endswith(".npy") and f != "labels.npy")
+    feature_sets = {name: _load_npy(os.path.join(path, name + ".npy"), mmap=True) for name in names}
+    labels_file = os.path.join(path, "labels.npy")
+    labels = _load_npy(labels_file, what="labels") if labels_path is None and os.path.exists(labels_file) \
+        else None
+    return feature_sets, labels
+
+
+def _load_npz(path):
+    """Every array of an .npz, read now: a corrupt member fails here, naming the file and the member."""
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"features file not found: {path}") from None
     except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"cannot read features file {path}: {err}") from None
+        raise ValueError(f"cannot read features file {path}: {_one_line(err)}") from None
     except ValueError:   # numpy's "pickled data" message for anything that is neither .npy nor .npz
         raise ValueError(f"cannot read features file {path}: not an .npz archive") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected an .npz with one array per model")
-    names = [k for k in archive.files if k != "labels"]
-    if models:
-        missing = sorted(set(models) - set(names))
-        if missing:
-            raise ValueError(f"model(s) not in {path}: {', '.join(missing)}")
-        names = [m for m in models]
-    if not names:
-        raise ValueError(f"{path} holds no model arrays")
-    if labels_path is None:
-        if "labels" not in archive.files:
-            raise ValueError(f"{path} has no 'labels' array; pass --labels y.npy")
-        labels = archive["labels"]
-    else:
-        try:
-            labels = np.load(labels_path, allow_pickle=False)
-        except FileNotFoundError:
-            raise ValueError(f"labels file not found: {labels_path}") from None
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read labels file {labels_path}: {err}") from None
-    return {name: archive[name] for name in names}, labels
+        raise ValueError(f"{path}: expected an .npz with one array per model (or a .npy with --labels)")
+    arrays = {}
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"cannot read array {key!r} of {path}: {_one_line(err)}") from None
+    labels = arrays.pop("labels", None)
+    return arrays, labels
 
 
-def _load_truth(path):
+def load_truth(path, target=None):
+    """{model: fine-tuned accuracy} from a JSON file that is either that object itself or a ground-truth
+    file {target: {model: accuracy}, ...} (metadata entries that are not such tables are ignored): the
+    table named `target`, or the only table there is."""
     try:
         with open(path) as fh:
-            truth = json.load(fh)
+            doc = json.load(fh)
     except FileNotFoundError:
         raise ValueError(f"truth file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(truth, dict) or not all(isinstance(v, (int, float)) for v in truth.values()):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read truth file {path}: {_one_line(err)}") from None
+    if not isinstance(doc, dict) or not doc:
         raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
-    return truth
+    if _is_table(doc):
+        return {k: float(v) for k, v in doc.items()}
+    tables = {k: v for k, v in doc.items() if isinstance(v, dict) and v and _is_table(v)}
+    if target is not None:
+        if target not in tables:
+            raise ValueError(f"{path} has no table {target!r} (tables: {', '.join(tables) or 'none'})")
+        return {k: float(v) for k, v in tables[target].items()}
+    if len(tables) != 1:
+        raise ValueError(f"{path} holds {len(tables)} tables ({', '.join(tables) or 'none'}); "
+                         "name one (--target)" if tables else
+                         f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
+    return {k: float(v) for k, v in next(iter(tables.values())).items()}
+
+
+def _is_table(d):
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
+
+
+def dataset_name(path):
+    """The name a features path gives its dataset in score files: the file's or folder's stem."""
+    base = os.path.basename(os.path.normpath(os.fspath(path)))
+    return base[:-4] if base.endswith((".npz", ".npy")) else base
+
+
+def write_atomic(path, write, binary=False):
+    """write(file) into a temporary file beside `path`, fsync, rename: readers see the old file or the new
+    one, and nothing is left behind on error."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"output path {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: {folder} is not an existing folder")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _one_line(err):
+    """An exception as one line: its message with whitespace collapsed."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1290,12 +1378,11 @@ def _parser():
 
 
 def _write_csv_atomic(path, rows):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
+    def write(fh):
         writer = csv.writer(fh)
         writer.writerow(["rank", "model", "score", "n", "seconds", "diverged"])
         writer.writerows(rows)
-    os.replace(tmp, path)
+    write_atomic(path, write)
 
 
 def _report(ranking, truth, args, source):
@@ -1340,7 +1427,7 @@ def main(argv=None) -> int:
         else:
             models = args.models.split(",") if args.models else None
             feature_sets, labels = load_features(args.features, args.labels, models)
-            truth, source = (_load_truth(args.truth) if args.truth else None), args.features
+            truth, source = (load_truth(args.truth) if args.truth else None), args.features
         progress = lambda i, total, name, r: log(  # noqa: E731
             f"[{i}/{total}] {name}: score {r.score:.2f} (n={r.n}, {r.seconds:.2f} s)")
         if args.jobs < 1:
