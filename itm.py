@@ -1248,7 +1248,7 @@ def _load_npy(path, mmap=False, what="features"):
     except FileNotFoundError:
         raise ValueError(f"{what} file not found: {path}") from None
     except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"cannot read {what} file {path}: {_one_line(err)}") from None
+        raise ValueError(f"cannot read {what} file {path}: {one_line(err)}") from None
 
 
 def _load_folder(path, labels_path):
@@ -1267,7 +1267,7 @@ def _load_npz(path):
     except FileNotFoundError:
         raise ValueError(f"features file not found: {path}") from None
     except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"cannot read features file {path}: {_one_line(err)}") from None
+        raise ValueError(f"cannot read features file {path}: {one_line(err)}") from None
     except ValueError:   # numpy's "pickled data" message for anything that is neither .npy nor .npz
         raise ValueError(f"cannot read features file {path}: not an .npz archive") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -1278,7 +1278,7 @@ def _load_npz(path):
             try:
                 arrays[key] = archive[key]
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-                raise ValueError(f"cannot read array {key!r} of {path}: {_one_line(err)}") from None
+                raise ValueError(f"cannot read array {key!r} of {path}: {one_line(err)}") from None
     labels = arrays.pop("labels", None)
     return arrays, labels
 
@@ -1293,7 +1293,7 @@ def load_truth(path, target=None):
     except FileNotFoundError:
         raise ValueError(f"truth file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read truth file {path}: {_one_line(err)}") from None
+        raise ValueError(f"cannot read truth file {path}: {one_line(err)}") from None
     if not isinstance(doc, dict) or not doc:
         raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
     if _is_table(doc):
@@ -1341,22 +1341,39 @@ def write_atomic(path, write, binary=False):
             os.unlink(tmp)
 
 
-def _one_line(err):
+def one_line(err):
     """An exception as one line: its message with whitespace collapsed."""
     return " ".join(str(err).split()) or type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
-# CLI.
+# CLI. The four tools share one convention: a usage or input error is one line `PROG: error: ...` on
+# stderr and exit status 1; --help exits 0; results go to stdout, progress and notes to stderr.
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1, like every other input error
-        print(f"itm: error: {message} (see --help)", file=sys.stderr)
+class CLIParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(1)
 
 
+def run_cli(prog, body, argv=None):
+    """Run body(argv) → exit status, turning input errors into one line and exit 1; a closed stdout
+    (`| head`) ends quietly."""
+    try:
+        return int(body(argv) or 0)
+    except SystemExit as exc:                       # --help, or CLIParser.error (already printed)
+        return int(exc.code or 0)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):           # stdout's reader left: don't print to it again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, TypeError, OSError, KeyError) as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+
+
 def _parser():
-    p = _Parser(prog="itm.py", description="Rank pre-trained models by ITM transferability score.")
+    p = CLIParser(prog="itm", description="Rank pre-trained models by ITM transferability score.")
     p.add_argument("--features", help=".npz with one N×D array per model (and optionally 'labels')")
     p.add_argument("--labels", help=".npy of N labels (ints or strings)")
     p.add_argument("--models", help="comma-separated subset of the npz's models")
