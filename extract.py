@@ -1,131 +1,14 @@
-"""extract.py -- pre-trained models -> features; the only module of the project that imports torch.
+"""extract.py -- pre-trained models -> features: the only module of the project that imports torch.
 
-Turns a labelled image dataset and a list of pre-trained models into the ``feats.npz`` (one N x D array per
-model, plus ``labels``) that ``itm.py`` and ``baselines.py`` rank::
+Writes the ``feats.npz`` that ``itm.py`` and ``baselines.py`` rank (one N x D array per model, plus
+``labels``, and a JSON sidecar recording weights, pooling and preprocessing), resuming where it stopped::
 
-    python extract.py --models resnet18,mobilenet_v2,dino_vitb16,mae_vitb16 \\
-        --dataset cifar100 --root DATA --split train --out feats.npz --labels-out y.npy
+    python extract.py --models resnet18,mobilenet_v2,dino_vitb16 --dataset cifar100 --root DATA --out feats.npz
+    python extract.py --dense --models resnet18,dino_vitb16 --dataset voc2012 --root DATA --out seg.npz
     python itm.py --features feats.npz
 
-Output. ``feats.npz`` holds one float16 (``--dtype float32`` to change) array per model name, N x D, and
-``labels`` (int64, N). A JSON sidecar next to it (``feats.json``) records per model the architecture, weights
-(URL / file and sha256), pooling, preprocessing, feature dimension, device and images/s, plus the dataset,
-split and ``--limit``. Re-running with more models extracts only those not yet in the file; the npz is
-rewritten atomically (temporary file + ``os.replace``) after every model, so an interrupted run keeps every
-finished model and never leaves a truncated npz (a ``kill -9`` during a write may leave a hidden
-``.feats.npz.tmp-PID`` beside it, safe to delete).
-
-Models (``--list`` prints them all).
-
-* Any torchvision classification model by name (``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``,
-  ``densenet121``; the other CNNs of the SFDA benchmark: ``resnet34/50/101/152``, ``densenet161/169/201``,
-  ``inception_v3``, ``googlenet``, ``mnasnet1_0``; and every other name torchvision lists), with its DEFAULT
-  weights (downloaded and hash-checked by torchvision).
-* The self-supervised ViTs of the paper, loaded from their official releases into torchvision's
-  ``VisionTransformer`` (see ``SSL_VITS``): ``dino_vits8``, ``dino_vitb16`` (DINO), ``mocov3_vitb16``
-  (MoCo v3, 300 ep), ``mae_vitb16``, ``mae_vitl16`` (MAE), ``simmim_vitb16`` (SimMIM, 800 ep). Downloads
-  are cached in ``torch.hub.get_dir()/checkpoints``. No sha256 is pinned for them yet (``sha256=None``: they
-  could not be downloaded when this was written); the sha256 of the file actually used is recorded in the
-  sidecar. SimMIM is released on Google Drive only, which has no direct URL: save the file under the cache
-  name given in the error message, or pass it with ``--checkpoint``.
-* ``--checkpoint PATH --arch NAME``: a local file for a torchvision architecture (torchvision key names;
-  a ``module.`` prefix is stripped) or for one of the ViTs above / a torchvision ``vit_*`` (official
-  timm/DINO/MoCo/MAE/SimMIM key names, converted as below). ``--models`` may name the output key (default:
-  the file's stem). A checkpoint that does not fit the architecture is an error naming the keys.
-
-Features = the input of the final classifier: for torchvision models the last ``nn.Linear`` is replaced by
-the identity (global average pool for CNNs; the class token after the final LayerNorm for torchvision ViTs;
-the hidden layer before the last Linear for MobileNetV3 / VGG / AlexNet / MaxViT, as their classifier has
-one). DINO and MoCo v3: the class token after the final norm. MAE and SimMIM: the mean of the patch tokens
-followed by a LayerNorm, as their own fine-tuning builds the classifier input (``fc_norm``: the checkpoint's
-if it has one, else a fresh one with unit weight and zero bias, exactly as fine-tuning starts; the
-pre-training ``norm`` is then dropped, as their fine-tuning drops it). ``--pool cls|mean`` overrides the
-pooling of any ViT.
-
-ViT key conversion (official name -> torchvision ``VisionTransformer``; after stripping the first prefix of
-``module.base_encoder.`` (MoCo v3), ``base_encoder.``, ``encoder.`` (SimMIM), ``backbone.``, ``module.``
-that has a ``cls_token``; keys outside that prefix (momentum encoder, predictor, decoder) are ignored)::
-
-    cls_token                          class_token
-    pos_embed                          encoder.pos_embedding   (zeros if absent: SimMIM uses no absolute one)
-    patch_embed.proj.{weight,bias}     conv_proj.{weight,bias}
-    blocks.N.norm1.*                   encoder.layers.encoder_layer_N.ln_1.*
-    blocks.N.attn.qkv.{weight,bias}    ...self_attention.in_proj_{weight,bias}
-    blocks.N.attn.{q_bias,v_bias}      ...self_attention.in_proj_bias = [q_bias, 0, v_bias]   (SimMIM/BEiT)
-    blocks.N.attn.proj.*               ...self_attention.out_proj.*   (x gamma_1, layer scale, if present)
-    blocks.N.norm2.*                   ...ln_2.*
-    blocks.N.mlp.fc1.*                 ...mlp.0.*
-    blocks.N.mlp.fc2.*                 ...mlp.3.*                     (x gamma_2, layer scale, if present)
-    norm.*                             encoder.ln.*                    (class-token / token-norm models)
-    fc_norm.*                          post_norm.* (LayerNorm after mean pooling; MAE/SimMIM fine-tuning)
-    rel_pos_bias.relative_position_bias_table   rel_pos_bias.table (shared relative position bias, SimMIM;
-                                       added to every block's attention logits)
-    ignored: head.*, mask_token, decoder*, *relative_position_index (recomputed)
-
-Anything else under the prefix is reported as an unknown key, anything absent as a missing key, by name.
-
-Datasets: ``cifar10``, ``cifar100``, ``aircraft`` (FGVC-Aircraft, variants), ``caltech101``, ``dtd``,
-``pets`` (Oxford-IIIT Pets; ``train`` means ``trainval``), ``cars`` (Stanford Cars), ``sun397``, ``food101``,
-``flowers102`` through ``torchvision.datasets`` under ``--root`` (``--download`` where torchvision can);
-Caltech-101 and SUN397 have no split in torchvision, so all images are used. ``imagefolder``: an
-``ImageFolder`` tree at ``--root`` (``--root/SPLIT`` if that exists). ``PATH.npz``: images (uint8, NHW,
-NHWC or NCHW) and integer labels under ``SPLIT_images/SPLIT_labels``, ``x_SPLIT/y_SPLIT``,
-``images/labels`` or ``x/y``. ``fake``: ``torchvision.datasets.FakeData`` (smoke tests, timing).
-``--limit N`` keeps a random subset of N images (seed 0, original order kept).
-
-Preprocessing: a torchvision model's own ``weights.transforms()`` (for ``--random-init`` and local
-checkpoints: those of the weights whose file name matches, else of its DEFAULT weights) -- e.g. resnet18 /
-densenet121 / mobilenet_v2 V1: Resize(256, bilinear) + CenterCrop(224); mobilenet_v2 DEFAULT (V2): Resize(232);
-efficientnet_b0: Resize(256, bicubic) + CenterCrop(224); inception_v3: Resize(342) + CenterCrop(299); all
-with ImageNet mean/std. The SSL ViTs (and any model without torchvision weights): Resize(224, bicubic) +
-CenterCrop(224) + ImageNet mean/std. Images are converted to RGB first. ``--list`` prints the preprocessing
-of the paper's models and the SFDA CNNs; the sidecar records the transform of every extracted model.
-
-Dense features (``--dense``, for semantic segmentation, SPEC section 5): one N x h x w x D array per model
-(float16 unless ``--dtype float32``) and ``labels`` (uint8, 255 = ignore)::
-
-    python extract.py --dense --models resnet18,dino_vitb16 --dataset voc2012 --root DATA --split train \
-        --out seg.npz
-    python itm.py --features seg.npz
-
-* ViTs: the patch tokens after the final norm, without the class token, reshaped to the h x w patch grid
-  (14 x 14 for /16 at 224). SSL ViTs are built as for ``--pool cls``, so a pre-training checkpoint keeps its
-  own final token ``norm`` (MAE/SimMIM included); a checkpoint with only ``fc_norm`` (MAE/SimMIM fine-tuned)
-  gets that LayerNorm applied to every token. ``--pool`` does not apply.
-* CNNs: the last convolutional feature map, before global pooling, channels last (resnet18 at 224: 7 x 7 x
-  512): the input of the global average pool for the models that have one as ``avgpool`` (ResNet/ResNeXt,
-  RegNet, EfficientNet, MobileNetV3, GoogLeNet, Inception, ConvNeXt, Swin), ``features`` (+ the final ReLU
-  for DenseNet) for MobileNetV2 / DenseNet / SqueezeNet / VGG / AlexNet, ``layers`` for MNASNet, the trunk
-  up to ``conv5`` for ShuffleNetV2, ``stem`` + ``blocks`` for MaxViT. For the models whose classification
-  feature is the global average pool (ResNet, DenseNet, MobileNetV2, EfficientNet, MNASNet, ...), its spatial
-  mean is that feature; for VGG / AlexNet / MobileNetV3 / ConvNeXt / MaxViT there is a layer between.
-* Geometry: all models of a file see the same pixels, so that one label map serves them all: the image and
-  its mask are resized (shorter side to ``--size``, default 224; masks with nearest neighbour, images with
-  the model's own interpolation) and center-cropped to ``--size`` x ``--size``; then the image gets the
-  model's normalisation (mean/std). Unlike classification, there is no 256 -> 224 margin. ViTs need
-  ``--size`` = their image size (224).
-* ``labels``: the transformed masks reduced to the feature grid h x w of the models by the per-cell majority
-  of labelled pixels (``itm.downsample_labels``: ties to the smaller class, 255 where a cell has no
-  labelled pixel). When the models of a file have different grids (ViT-B/16: 14 x 14, resnet18: 7 x 7),
-  ``labels`` holds the full-resolution transformed maps (N x size x size) instead and ``itm.py``
-  downsamples them to each model's grid by the same rule; a resume that adds a model with another grid
-  switches the file to full-resolution maps. The sidecar says which (``dense``, ``label_maps``: ``grid`` or
-  ``full``, ``h``, ``w`` of ``labels``, ``size``; per model ``h``, ``w``, ``dim``).
-* Datasets: ``voc2012`` / ``voc2007`` (``torchvision.datasets.VOCSegmentation``, ``--split`` train, val,
-  trainval, and test for 2007; ``--download`` works where the VOC server does; 255 = the object borders),
-  ``cityscapes`` (``torchvision.datasets.Cityscapes``, fine annotations, ``target_type="semantic"``, split
-  train/val; no download: registration is needed; the label ids are mapped to the 19 train ids of
-  cityscapesScripts (road 0 ... bicycle 18), every class with train id 255 or -1 (unlabeled, ego vehicle,
-  rectification border, out of roi, static, dynamic, ground, parking, rail track, guard rail, bridge, tunnel,
-  polegroup, caravan, trailer, license plate) -> 255; files sorted by name), and ``segfolder``:
-  ``--root DIR`` (or ``DIR/SPLIT`` if that holds ``images/``) with ``DIR/images/*.{jpg,jpeg,png}`` and
-  ``DIR/masks/<same stem>.png``, single-channel masks (L, P or I mode) whose pixel values are class ids
-  0..254, 255 = ignore. ``--limit`` picks the same seeded subset as for classification.
-
-Device: CUDA when available (``--device`` to choose), with autocast (bfloat16 where the GPU supports it, else
-float16), channels_last and pinned memory; CPU runs in float32. Progress on stderr (tqdm if installed, a
-plain counter otherwise); results on stdout. Bad input (unknown model / dataset, missing root, checkpoint
-not matching its architecture) is a one-line error on stderr and exit status 1.
+``python extract.py --list`` shows every model (its pooling, preprocessing and weights) and dataset; the
+README describes the output, the models, the checkpoint conversion and the dense features.
 """
 from __future__ import annotations
 
@@ -142,10 +25,19 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-import torchvision
-from torch import nn
-from torchvision import transforms as T
+
+try:
+    import torch
+    import torchvision
+    from torch import nn
+    from torchvision import transforms as T
+except ModuleNotFoundError as _exc:  # the rest of the package runs without torch; this module cannot
+    if _exc.name not in ("torch", "torchvision"):
+        raise
+    _HINT = f'{_exc.name} is not installed: pip install "itm-transferability[extract]"'
+    if __name__ == "__main__":
+        sys.exit(f"extract.py: error: {_HINT}")
+    raise ModuleNotFoundError(_HINT, name=_exc.name) from None
 
 try:  # installed: a module of the itm_transferability package; in a checkout or vendored: beside itm.py
     from . import itm
@@ -156,8 +48,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ExtractError(Exception):
-    """Bad input: reported by the CLI as one line on stderr, exit status 1."""
+class ExtractError(ValueError):
+    """Bad input: reported by the CLI (``itm.run_cli``) as one line on stderr, exit status 1."""
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -208,10 +100,6 @@ TORCHVISION_VITS = {n: ViTSpec(n, p, d, L, h, m) for n, p, d, L, h, m in [
     ("vit_l_16", 16, 1024, 24, 16, 4096), ("vit_l_32", 32, 1024, 24, 16, 4096),
     ("vit_h_14", 14, 1280, 32, 16, 5120)]}
 
-PAPER_MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", *SSL_VITS]
-SFDA_CNNS = ["resnet34", "resnet50", "resnet101", "resnet152", "densenet121", "densenet161", "densenet169",
-             "densenet201", "inception_v3", "googlenet", "mobilenet_v2", "mnasnet1_0"]
-
 
 def torchvision_models() -> list[str]:
     """Names of torchvision's ImageNet classification models."""
@@ -220,6 +108,23 @@ def torchvision_models() -> list[str]:
 
 def available_models() -> list[str]:
     return sorted(SSL_VITS) + torchvision_models()
+
+
+def _is_vit(arch: str) -> bool:
+    return arch in SSL_VITS or arch in TORCHVISION_VITS
+
+
+def _check_model(name: str, checkpoint=None, arch: str | None = None, pool: str | None = None) -> None:
+    """Refuse, before any work, a model that cannot be built: unknown name, missing file, --pool on a CNN."""
+    arch = arch or name
+    if arch not in SSL_VITS and arch not in torchvision_models():
+        raise ExtractError(f"unknown model {arch!r}; valid: {', '.join(available_models())}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ExtractError(f"checkpoint {checkpoint} does not exist")
+    if pool not in (None, "cls", "mean"):
+        raise ExtractError(f"--pool must be cls or mean, not {pool!r}")
+    if pool is not None and not _is_vit(arch):
+        raise ExtractError(f"--pool applies to ViTs only, not to {arch}")
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -232,18 +137,6 @@ def default_transform(size: int = 224) -> Callable:
 
 def describe_transform(transform) -> str:
     return " ".join(repr(transform).split())
-
-
-def preprocessing(name: str) -> str:
-    """One line: the preprocessing `name` gets (with its DEFAULT weights for torchvision models)."""
-    spec = SSL_VITS.get(name)
-    weights = None if spec else _torchvision_weights(name, None)
-    if weights is None:
-        size = spec.image_size if spec else 224
-        return f"Resize({size}, bicubic) + CenterCrop({size}) + ImageNet mean/std"
-    t = weights.transforms()
-    return (f"Resize({t.resize_size[0]}, {t.interpolation.value}) + CenterCrop({t.crop_size[0]}) + "
-            f"mean {tuple(t.mean)} std {tuple(t.std)}  [{weights}]")
 
 
 def _to_rgb(img):
@@ -347,7 +240,9 @@ _IGNORED = re.compile(r"^(head\.|heads\.|mask_token$|decoder|.*relative_position
 
 
 def _vit_key_table(depth: int, pooled_norm: bool, rel_pos_bias: bool) -> list[tuple[str, str]]:
-    """(official key, ViTFeatures key) pairs -- the conversion table of the module docstring."""
+    """(official key, ViTFeatures key) pairs: timm's ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
+    mlp.fc2}`` -> torchvision's ``encoder_layer_N.{ln_1,self_attention.in_proj,..out_proj,ln_2,mlp.0,mlp.3}``;
+    the final ``norm`` -> ``encoder.ln``, or ``fc_norm`` (LayerNorm after mean pooling) -> ``post_norm``."""
     table = [("cls_token", "vit.class_token"), ("pos_embed", "vit.encoder.pos_embedding"),
              ("patch_embed.proj.weight", "vit.conv_proj.weight"), ("patch_embed.proj.bias", "vit.conv_proj.bias")]
     pairs = [("norm1", "ln_1"), ("attn.qkv", "self_attention.in_proj"), ("attn.proj", "self_attention.out_proj"),
@@ -504,20 +399,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_checkpoint(spec: ViTSpec) -> Path:
-    """The official checkpoint of `spec`, downloaded once into torch.hub's cache (hash-checked if pinned)."""
-    dst = Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
+def fetch_weights(model: str, url: str | None, filename: str, sha256: str | None = None,
+                  source: str = "") -> Path:
+    """The weights file of `model` in torch.hub's cache (``torch.hub.get_dir()/checkpoints``), downloaded
+    there once (hash-checked when a prefix is known); a one-line error naming the model if it cannot be."""
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if dst.is_file():
         return dst
-    if spec.url is None:
-        raise ExtractError(f"{spec.name} has no direct download: get it from {spec.source} and save it as "
-                           f"{dst}, or pass --checkpoint FILE --arch {spec.name}")
+    if url is None:
+        raise ExtractError(f"{model} has no direct download: get it from {source} and save it as "
+                           f"{dst}, or pass --checkpoint FILE --arch {model}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {spec.url} -> {dst}", file=sys.stderr)
+    print(f"downloading {url} -> {dst}", file=sys.stderr)
     try:  # download_url_to_file writes a temporary file and renames it: no partial file in the cache
-        torch.hub.download_url_to_file(spec.url, str(dst), hash_prefix=spec.sha256, progress=True)
-    except Exception as exc:
-        raise ExtractError(f"cannot download {spec.url}: {_first_line(exc)}") from None
+        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256, progress=True)
+    except (OSError, RuntimeError) as exc:  # URLError, HTTPError, timeouts are OSErrors; a bad hash is not
+        raise ExtractError(f"{model}: the weights could not be fetched from {url} ({_first_line(exc)}); "
+                           f"offline? they are expected in {dst} (copy the file there, or pass "
+                           f"--checkpoint FILE --arch {model})") from None
     return dst
 
 
@@ -551,7 +450,10 @@ def _torchvision_weights(arch: str, checkpoint: Path | None):
 def _build_torchvision(arch: str, checkpoint: Path | None, random_init: bool, pool: str | None):
     weights = _torchvision_weights(arch, checkpoint)
     if checkpoint is None and not random_init:
-        model = torchvision.models.get_model(arch, weights=weights)
+        filename = Path(weights.url).name  # torchvision's own cache name, its sha256 prefix inside
+        hash_prefix = torch.hub.HASH_REGEX.search(filename)
+        fetch_weights(arch, weights.url, filename, hash_prefix and hash_prefix.group(1))
+        model = torchvision.models.get_model(arch, weights=weights)  # now read from the cache
         described = f"{weights} ({weights.url})"
     else:
         model = torchvision.models.get_model(arch, weights=None)
@@ -565,21 +467,20 @@ def _build_torchvision(arch: str, checkpoint: Path | None, random_init: bool, po
     transform = weights.transforms() if weights is not None else default_transform()
     if isinstance(model, torchvision.models.VisionTransformer):
         model = ViTFeatures(model, pool or "cls")
-    elif pool is not None:
-        raise ExtractError(f"--pool applies to ViTs only, not to {arch}")
     else:
         model = _strip_classifier(model, arch)
-    info = {"arch": arch, "weights": described, "pool": pool or ("cls" if arch.startswith("vit_") else "avg")}
+    info = {"arch": arch, "weights": described, "pool": pool or ("cls" if _is_vit(arch) else "avg")}
     return model.eval(), transform, info
 
 
-def _build_vit(spec: ViTSpec, checkpoint: Path | None, random_init: bool, pool: str | None):
+def _build_vit(spec: ViTSpec, checkpoint: Path | None, random_init: bool, pool: str | None, state=None):
+    """An official-layout ViT: random, from `state` / `checkpoint`, or from its release (`spec.url`)."""
     pool = pool or spec.pool
     if random_init and checkpoint is None:
         model, layout, described = new_vit_features(spec, pool), {}, "random init"
     else:
-        path = checkpoint or fetch_checkpoint(spec)
-        model, layout = vit_from_state(load_checkpoint(path), spec, pool)
+        path = checkpoint or fetch_weights(spec.name, spec.url, spec.filename, spec.sha256, spec.source)
+        model, layout = vit_from_state(load_checkpoint(path) if state is None else state, spec, pool)
         described = f"{spec.url or path} (file {path.name}, sha256 {_sha256(path)})"
     info = {"arch": spec.name, "weights": described, "pool": pool, "conversion": layout.get("notes", [])}
     return model.eval(), default_transform(spec.image_size), info
@@ -592,23 +493,15 @@ def build_model(name: str, *, checkpoint: str | Path | None = None, arch: str | 
     `checkpoint` loads a local file into `arch` (default: `name`). `random_init` skips all weights
     (torchvision ``weights=None``) -- for tests and timing.
     """
+    _check_model(name, checkpoint, arch, pool)
     arch = arch or name
-    if pool not in (None, "cls", "mean"):
-        raise ExtractError(f"--pool must be cls or mean, not {pool!r}")
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and not ckpt.is_file():
-        raise ExtractError(f"checkpoint {ckpt} does not exist")
     if arch in SSL_VITS:
         return _build_vit(SSL_VITS[arch], ckpt, random_init, pool)
-    if arch not in torchvision_models():
-        raise ExtractError(f"unknown model {arch!r}; valid: {', '.join(available_models())}")
-    if ckpt is not None and arch in TORCHVISION_VITS:
+    if ckpt is not None and arch in TORCHVISION_VITS:  # torchvision or official (timm) key names
         state = load_checkpoint(ckpt)
         if "class_token" not in state and any(k.endswith("cls_token") for k in state):
-            model, layout = vit_from_state(state, TORCHVISION_VITS[arch], pool)
-            info = {"arch": arch, "weights": f"{ckpt} (sha256 {_sha256(ckpt)})", "pool": pool or "cls",
-                    "conversion": layout["notes"]}
-            return model, default_transform(), info
+            return _build_vit(TORCHVISION_VITS[arch], ckpt, random_init, pool, state)
     return _build_torchvision(arch, ckpt, random_init, pool)
 
 
@@ -754,7 +647,21 @@ def _torchvision_dataset(name: str, root: Path, split: str, download: bool):
     try:
         return getattr(torchvision.datasets, cls_name)(root=str(root), download=download, **kwargs), split
     except Exception as exc:  # torchvision says "Dataset not found or corrupted..." as RuntimeError
-        raise ExtractError(f"{name} under {root}: {_first_line(exc)}") from None
+        raise _dataset_error(name, root, exc) from None
+
+
+def _dataset_error(name: str, root, exc: Exception) -> ExtractError:
+    """torchvision's first line, with its advice to use `download=True` in the CLI's words."""
+    return ExtractError(f"{name} under {root}: {_first_line(exc).replace('download=True', '--download')}")
+
+
+def _root(name: str, root, download: bool) -> Path:
+    """--root of a dataset read from disk: required, and existing unless torchvision is to download it."""
+    if root is None:
+        raise ExtractError(f"--root is required for dataset {name}")
+    if not Path(root).exists() and not download:
+        raise ExtractError(f"--root {root} does not exist")
+    return Path(root)
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train", download: bool = False,
@@ -769,20 +676,15 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         ds = NpzImages(path, split)
     elif name == "fake":
         ds = torchvision.datasets.FakeData(size=limit or fake_size, image_size=(3, 224, 224), num_classes=10)
-    elif name == "imagefolder" or name in TORCHVISION_DATASETS:
-        if root is None:
-            raise ExtractError(f"--root is required for dataset {name}")
-        root = Path(root)
-        if not root.exists() and not (download and name != "imagefolder"):
-            raise ExtractError(f"--root {root} does not exist")
-        if name == "imagefolder":
-            folder = root / split if (root / split).is_dir() else root
-            try:
-                ds = torchvision.datasets.ImageFolder(str(folder))
-            except Exception as exc:
-                raise ExtractError(f"imagefolder {folder}: {_first_line(exc)}") from None
-        else:
-            ds, split = _torchvision_dataset(name, root, split, download)
+    elif name == "imagefolder":
+        root = _root(name, root, False)
+        folder = root / split if (root / split).is_dir() else root
+        try:
+            ds = torchvision.datasets.ImageFolder(str(folder))
+        except Exception as exc:
+            raise _dataset_error(name, folder, exc) from None
+    elif name in TORCHVISION_DATASETS:
+        ds, split = _torchvision_dataset(name, _root(name, root, download), split, download)
     else:
         raise ExtractError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     return _limit(ds, limit), split
@@ -790,24 +692,26 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
 
 def _limit(ds, limit: int | None):
     """A seeded random subset (original order kept): the first N of a class-sorted set would be one class."""
+    if limit is not None and limit < 1:
+        raise ExtractError(f"--limit must be >= 1, not {limit}")
     if limit is None or limit >= len(ds):
         return ds
-    if limit < 1:
-        raise ExtractError("--limit must be >= 1")
     idx = np.sort(np.random.default_rng(0).choice(len(ds), size=limit, replace=False))
     return torch.utils.data.Subset(ds, idx.tolist())
 
 
 class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
+    """(image, label) -> (tensor, label); `dense`: (image, mask) -> transform(image, mask), both tensors."""
+
+    def __init__(self, base, transform, dense: bool = False):
+        self.base, self.transform, self.dense = base, transform, dense
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i):
-        img, label = self.base[i]
-        return self.transform(_to_rgb(img)), int(label)
+        img, target = self.base[i]
+        return self.transform(_to_rgb(img), target) if self.dense else (self.transform(_to_rgb(img)), int(target))
 
 
 # ------------------------------------------------------------------------------- segmentation datasets
@@ -912,11 +816,7 @@ def load_seg_dataset(name: str, root: str | Path | None = None, split: str = "tr
     """A dataset of (RGB image, 'L' mask: class ids, 255 = ignore) items, and the split actually used."""
     if name not in SEG_DATASETS:
         raise ExtractError(f"--dense needs a segmentation dataset ({', '.join(SEG_DATASETS)}), not {name!r}")
-    if root is None:
-        raise ExtractError(f"--root is required for dataset {name}")
-    root = Path(root)
-    if not root.exists() and not (download and name.startswith("voc")):
-        raise ExtractError(f"--root {root} does not exist")
+    root = _root(name, root, download and name.startswith("voc"))
     if name == "segfolder":
         folder = root / split if (root / split / "images").is_dir() else root
         ds = SegFolder(folder)
@@ -929,7 +829,7 @@ def load_seg_dataset(name: str, root: str | Path | None = None, split: str = "tr
         try:
             base = torchvision.datasets.VOCSegmentation(str(root), year=year, image_set=split, download=download)
         except Exception as exc:
-            raise ExtractError(f"{name} under {root}: {_first_line(exc)}") from None
+            raise _dataset_error(name, root, exc) from None
         ds = _SegPairs(base)
     else:
         if download:
@@ -940,7 +840,7 @@ def load_seg_dataset(name: str, root: str | Path | None = None, split: str = "tr
         try:
             base = torchvision.datasets.Cityscapes(str(root), split=split, mode="fine", target_type="semantic")
         except Exception as exc:
-            raise ExtractError(f"cityscapes under {root}: {_first_line(exc)}") from None
+            raise _dataset_error(name, root, exc) from None
         order = sorted(range(len(base.images)), key=lambda i: base.images[i])  # os.listdir order is arbitrary
         base.images, base.targets = [base.images[i] for i in order], [base.targets[i] for i in order]
         ds = _SegPairs(base, cityscapes_lut())
@@ -1022,24 +922,32 @@ def _forward(model, dev, loader, ctx):
             yield model(x).float().cpu(), extra
 
 
-def run_model(model: nn.Module, transform, dataset, *, batch_size: int = 64, workers: int = 0,
-              device: str = "auto", desc: str = "extract", progress: bool = True):
-    """Features (float32, N x D), labels (int64) and images/s of `model` over `dataset` in order."""
-    model, dev, loader, ctx = _prepare_run(model, _Transformed(dataset, transform), batch_size, workers,
-                                           device)
-    feats, labels, bar = [], [], _Progress(len(dataset), desc, progress)
+def run_model(model: nn.Module, transform, dataset, *, dense: bool = False, batch_size: int = 64,
+              workers: int = 0, device: str = "auto", dtype: str = "float32", desc: str = "extract",
+              progress: bool = True):
+    """(features, targets, images/s) of `model` over `dataset`, in order. Features in `dtype`: N x D, or
+    N x h x w x D for a ``dense_model`` fed (image, mask) pairs through a ``DenseTransform`` (`dense`);
+    targets: the labels (int64, N), or the transformed label maps (uint8, N x S x S) when `dense`."""
+    model, dev, loader, ctx = _prepare_run(model, _Transformed(dataset, transform, dense), batch_size,
+                                           workers, device)
+    feats, targets, bar, n = None, None, _Progress(len(dataset), desc, progress), 0
     start = time.perf_counter()
     try:
-        for out, y in _forward(model, dev, loader, ctx):
-            feats.append(out.flatten(1))
-            labels.append(y)
-            bar.update(len(y))
+        for out, t in _forward(model, dev, loader, ctx):
+            f = out.numpy()
+            if dtype == "float16" and np.abs(f).max(initial=0) > np.finfo(np.float16).max:
+                raise ExtractError(f"{desc}: features exceed the float16 range; use --dtype float32")
+            if feats is None:  # preallocated in the output dtype: N x h x w x D float32 can be GBs
+                feats = np.empty((len(dataset), *f.shape[1:]), dtype=dtype)
+                targets = np.empty((len(dataset), *t.shape[1:]), dtype=np.uint8 if dense else np.int64)
+            feats[n:n + len(f)], targets[n:n + len(f)] = f, t.numpy()
+            n += len(f)
+            bar.update(len(f))
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
-    if not feats:
+    if feats is None:
         raise ExtractError("the dataset is empty")
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64), len(dataset) / seconds
+    return feats, targets, len(dataset) / (time.perf_counter() - start)
 
 
 def extract_features(model_name: str, dataset, *, checkpoint=None, arch=None, pool=None, random_init=False,
@@ -1048,17 +956,8 @@ def extract_features(model_name: str, dataset, *, checkpoint=None, arch=None, po
     """N x D features of `model_name` for a dataset of (image, label) items (see ``load_dataset``)."""
     model, transform, _ = build_model(model_name, checkpoint=checkpoint, arch=arch, pool=pool,
                                       random_init=random_init)
-    feats, _, _ = run_model(model, transform, dataset, batch_size=batch_size, workers=workers,
-                            device=device, desc=model_name, progress=progress)
-    return _cast(feats, dtype, model_name)
-
-
-def _cast(feats: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    if dtype not in ("float16", "float32"):
-        raise ExtractError(f"--dtype must be float16 or float32, not {dtype!r}")
-    if dtype == "float16" and np.abs(feats).max(initial=0) > np.finfo(np.float16).max:
-        raise ExtractError(f"{name}: features exceed the float16 range; use --dtype float32")
-    return feats.astype(dtype)
+    return run_model(model, transform, dataset, batch_size=batch_size, workers=workers, device=device,
+                     dtype=dtype, desc=model_name, progress=progress)[0]
 
 
 class DenseTransform:
@@ -1100,64 +999,23 @@ def dense_transform(transform, size: int = 224) -> DenseTransform:
     return DenseTransform(size, interp, mean, std)
 
 
-class _DensePairs(torch.utils.data.Dataset):
-    def __init__(self, base, transform: DenseTransform):
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, mask = self.base[i]
-        return self.transform(_to_rgb(img), mask)
-
-
-def run_dense(model: nn.Module, transform: DenseTransform, dataset, *, batch_size: int = 64, workers: int = 0,
-              device: str = "auto", dtype: str = "float16", desc: str = "extract", progress: bool = True):
-    """Dense features (`dtype`, N x h x w x D), transformed label maps (uint8, N x S x S) and images/s of
-    `model` (a ``dense_model``) over a dataset of (image, mask) items in order."""
-    if dtype not in ("float16", "float32"):
-        raise ExtractError(f"--dtype must be float16 or float32, not {dtype!r}")
-    model, dev, loader, ctx = _prepare_run(model, _DensePairs(dataset, transform), batch_size, workers,
-                                           device)
-    feats, maps, bar, n = None, None, _Progress(len(dataset), desc, progress), 0
-    start = time.perf_counter()
-    try:
-        for out, m in _forward(model, dev, loader, ctx):
-            f = out.numpy()
-            if dtype == "float16" and np.abs(f).max(initial=0) > np.finfo(np.float16).max:
-                raise ExtractError(f"{desc}: features exceed the float16 range; use --dtype float32")
-            if feats is None:  # preallocated in the output dtype: N x h x w x D float32 can be GBs
-                feats = np.empty((len(dataset), *f.shape[1:]), dtype=dtype)
-                maps = np.empty((len(dataset), *m.shape[1:]), dtype=np.uint8)
-            feats[n:n + len(f)], maps[n:n + len(f)] = f, m.numpy()
-            n += len(f)
-            bar.update(len(f))
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    if feats is None:
-        raise ExtractError("the dataset is empty")
-    return feats, maps, len(dataset) / seconds
-
-
 # ------------------------------------------------------------------------------------------------ output
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """write(file) into a temporary file beside `path`, then rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def sidecar_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".json")
+
+
+def _check_out(path: Path, option: str) -> None:
+    """Refuse, before any work, an output that cannot be written: a folder, or a path under a file."""
+    if path.is_dir():
+        raise ExtractError(f"{option} {path} is a folder; give a file name")
+    folder = path.absolute().parent
+    while not folder.exists():  # missing folders are created at the first write
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ExtractError(f"{option} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExtractError(f"{option} {path}: cannot write in {folder}")
 
 
 def read_output(out: str | Path) -> tuple[dict, dict]:
@@ -1176,83 +1034,108 @@ def read_output(out: str | Path) -> tuple[dict, dict]:
 
 
 def write_output(out: str | Path, arrays: dict, meta: dict) -> None:
+    """The npz, then its sidecar, each written atomically: an interrupted run keeps the finished models."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda f: np.savez(f, **arrays))
-    _atomic_write(sidecar_path(out), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    itm.write_atomic(out, lambda f: np.savez(f, **arrays), binary=True)
+    itm.write_atomic(sidecar_path(out), lambda f: f.write(json.dumps(meta, indent=1)))
 
 
-def _check_same_data(meta: dict, want: dict, out: Path) -> None:
+def _check_same_data(arrays: dict, meta: dict, want: dict, out: Path) -> None:
     """Resuming onto features of other images would silently misalign rows: refuse."""
-    if meta and bool(meta.get("dense", False)) != bool(want.get("dense", False)):
-        kind = "dense" if meta.get("dense") else "classification"
-        raise ExtractError(f"{out} holds {kind} features; use another --out")
+    kinds = {"dense" if v.ndim == 4 else "classification" for k, v in arrays.items() if k != "labels"}
+    other = kinds - {"dense" if want.get("dense") else "classification"}
+    if other:
+        raise ExtractError(f"{out} holds {other.pop()} features; use another --out")
     for key in want:
         if key in meta and meta[key] != want[key]:
             raise ExtractError(f"{out} holds features of {key}={meta[key]!r}, not {want[key]!r}; "
                                "use another --out")
 
 
-def _resume(out: Path, want: dict, models: list[str], checkpoint, root, load, check=None):
-    """Open `out` for more models: its arrays, the models still to do and, when there are any, the
-    dataset (load() → (dataset, split used)) and the metadata to write. check(arrays) may reject the file."""
+def _check_options(out: Path, *, dense, limit, size, checkpoint, arch, pool, batch_size, workers, dtype):
+    for option, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
+                                 ("--limit", limit, 1), ("--size", size, 1)):
+        if value is not None and value < least:
+            raise ExtractError(f"{option} must be >= {least}, not {value}")
+    if dtype not in ("float16", "float32"):
+        raise ExtractError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if arch is not None and checkpoint is None:
+        raise ExtractError("--arch is the architecture of --checkpoint: give both or neither")
+    if dense and pool is not None:
+        raise ExtractError("--pool does not apply to --dense (ViTs give their patch tokens)")
+    _check_out(out, "--out")
+    _check_out(sidecar_path(out), "the sidecar of --out")
+    if sidecar_path(out) == out:
+        raise ExtractError(f"--out {out} would be its own sidecar; give a .npz name")
+
+
+def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, dense: bool = False, root=None,
+                   split: str = "train", download: bool = False, limit: int | None = None, size: int = 224,
+                   checkpoint=None, arch=None, pool=None, random_init: bool = False, batch_size: int = 64,
+                   workers: int = 0, device: str = "auto", dtype: str = "float16",
+                   progress: bool = True) -> tuple[dict, list[str]]:
+    """Extract every model not yet in `out`, saving after each one. Returns (arrays, models extracted).
+
+    One N x D array per model and ``labels`` (int64, N); `dense`: N x h x w x D per model (images and masks
+    resized and cropped to `size`) and ``labels``, uint8 label maps (255 = ignore) on the models' common
+    grid, or at full resolution when their grids differ (see ``_dense_labels``)."""
+    out = Path(out)
+    _check_options(out, dense=dense, limit=limit, size=size, checkpoint=checkpoint, arch=arch, pool=pool,
+                   batch_size=batch_size, workers=workers, dtype=dtype)
+    run = dict(dense=dense, batch_size=batch_size, workers=workers, device=resolve_device(device),
+               dtype=dtype, progress=progress)
+    want = {"dataset": dataset, "split": split, "limit": limit, **({"dense": True, "size": size} if dense else {})}
     arrays, meta = read_output(out)
-    _check_same_data(meta, want, out)
-    if check is not None:
-        check(arrays)
-    todo = _todo(models, arrays, checkpoint)
+    _check_same_data(arrays, meta, want, out)
+    todo = [m for m in models if m not in arrays]
+    for m in todo:
+        _check_model(m, checkpoint, arch, pool)
     if not todo:
-        return arrays, [], None, None
-    ds, used_split = load()
+        return arrays, []
+    ds, used_split = (load_seg_dataset if dense else load_dataset)(dataset, root, split, download, limit)
     meta = {**want, "split_used": used_split, "root": str(root) if root else None, "n": len(ds),
             "models": meta.get("models", {})}
-    return arrays, todo, ds, meta
-
-
-def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, root=None, split: str = "train",
-                   download: bool = False, limit: int | None = None, checkpoint=None, arch=None, pool=None,
-                   random_init: bool = False, batch_size: int = 64, workers: int = 0, device: str = "auto",
-                   dtype: str = "float16", progress: bool = True) -> tuple[dict, list[str]]:
-    """Extract every model not yet in `out` and save after each one. Returns (arrays, models extracted)."""
-    out = Path(out)
-    want = {"dataset": dataset, "split": split, "limit": limit}
-    arrays, todo, ds, meta = _resume(out, want, models, checkpoint, root,
-                                     lambda: load_dataset(dataset, root, split, download, limit))
+    build = dict(checkpoint=checkpoint, arch=arch, pool=pool, random_init=random_init)
+    full = None  # dense: this run's label maps, at full resolution
     for name in todo:
-        feats, labels, info = _extract_one(name, ds, checkpoint, arch, pool, random_init, batch_size,
-                                           workers, device, progress)
-        if "labels" in arrays and not np.array_equal(arrays["labels"], labels):
-            raise ExtractError(f"labels differ from those in {out}: not the same images; use another --out")
-        arrays = {**arrays, name: _cast(feats, dtype, name), "labels": labels}
-        meta["models"][name] = {**info, "dtype": dtype, "dim": int(feats.shape[1])}
+        feats, targets, info = _extract_one(name, ds, size, build, run)
+        stored = arrays.get("labels") if full is None else full
+        if stored is not None and not _same_labels(stored, targets):
+            raise ExtractError(f"{name}: labels differ from those in {out}: not the same images; use another --out")
+        arrays = {**{k: v for k, v in arrays.items() if k != "labels"}, name: feats}
+        if dense:
+            full = targets
+            targets, label_meta = _dense_labels(full, [v.shape[1:3] for v in arrays.values()])
+            meta.update(label_meta)
+        arrays["labels"], meta["models"][name] = targets, info
         write_output(out, arrays, meta)
-        print(f"{name}\t{feats.shape[0]}x{feats.shape[1]}\t{info['images_per_s']:.1f} images/s")
+        print(f"{name}\t{'x'.join(map(str, feats.shape))}\t{info['images_per_s']:.1f} images/s")
     return arrays, todo
 
 
-def _todo(models: list[str], arrays: dict, checkpoint) -> list[str]:
-    """The models not yet in the output; fails on a bad name or file before any dataset is read."""
-    todo = [m for m in models if m not in arrays]
-    for m in todo:
-        if checkpoint is None and m not in SSL_VITS and m not in torchvision_models():
-            raise ExtractError(f"unknown model {m!r}; valid: {', '.join(available_models())}")
-    if todo and checkpoint is not None and not Path(checkpoint).is_file():
-        raise ExtractError(f"checkpoint {checkpoint} does not exist")
-    return todo
-
-
-def _extract_one(name, ds, checkpoint, arch, pool, random_init, batch_size, workers, device, progress):
-    model, transform, info = build_model(name, checkpoint=checkpoint, arch=arch, pool=pool,
-                                         random_init=random_init)
-    feats, labels, ips = run_model(model, transform, ds, batch_size=batch_size, workers=workers,
-                                   device=device, desc=name, progress=progress)
-    dev = resolve_device(device)
+def _extract_one(name: str, ds, size: int, build: dict, run: dict):
+    """(features, targets, sidecar info) of one model over `ds`; ``run["dense"]``: its dense features."""
+    arch, dense, dev = build["arch"] or name, run["dense"], run["device"]
+    if dense and arch in SSL_VITS:  # built as for --pool cls: a pre-training checkpoint keeps its token norm
+        build = {**build, "pool": "cls"}
+    model, transform, info = build_model(name, **build)
+    if dense:
+        image_size = _vit_image_size(model)
+        if image_size is not None and image_size != size:
+            raise ExtractError(f"{name} takes {image_size}x{image_size} images: use --size {image_size}")
+        model, transform = dense_model(model, arch), dense_transform(transform, size)
+        info["pool"] = "patch tokens" if image_size is not None else "feature map before global pooling"
+    feats, targets, ips = run_model(model, transform, ds, desc=name, **run)
     info.update(transform=describe_transform(transform), images_per_s=round(ips, 2), device=str(dev),
-                autocast=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
+                autocast=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None,
+                dtype=run["dtype"], dim=int(feats.shape[-1]))
+    if dense:
+        info.update(h=int(feats.shape[1]), w=int(feats.shape[2]))
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return feats, labels, info
+    return feats, targets, info
 
 
 def grid_labels(maps: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -1262,7 +1145,9 @@ def grid_labels(maps: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _dense_labels(full: np.ndarray, grids: list[tuple[int, int]]) -> tuple[np.ndarray, dict]:
-    """``labels`` for a file whose models have feature grids `grids` (first model first), and its sidecar."""
+    """``labels`` for a file whose models have feature grids `grids` (first model first), and its sidecar:
+    the maps reduced to the grid when all models share one, else the full-resolution maps, which itm.py
+    reduces to each model's grid by the same rule."""
     if len(set(grids)) == 1:
         h, w = grids[0]
         return grid_labels(full, h, w), {
@@ -1276,75 +1161,17 @@ def _dense_labels(full: np.ndarray, grids: list[tuple[int, int]]) -> tuple[np.nd
                       "masks, which itm.py downsamples to each model's grid; 255 = ignore"}
 
 
-def _same_label_maps(stored: np.ndarray, full: np.ndarray) -> bool:
-    """Whether `stored` labels (grid or full resolution) come from the full-resolution maps `full`."""
-    if stored.ndim != 3 or len(stored) != len(full):
+def _same_labels(stored: np.ndarray, new: np.ndarray) -> bool:
+    """Whether `stored` labels come from the same images as `new` ones: equal, or (dense) the full-resolution
+    maps `new` reduced to the grid of `stored`."""
+    if stored.shape == new.shape:
+        return np.array_equal(stored, new)
+    if stored.ndim != 3 or new.ndim != 3 or len(stored) != len(new):
         return False
-    if stored.shape == full.shape:
-        return np.array_equal(stored, full)
     try:
-        return np.array_equal(grid_labels(full, *stored.shape[1:]), stored)
+        return np.array_equal(grid_labels(new, *stored.shape[1:]), stored)
     except ValueError:
         return False
-
-
-def extract_dense_to_npz(models: list[str], dataset: str, out: str | Path, *, root=None, split: str = "train",
-                         download: bool = False, limit: int | None = None, size: int = 224, checkpoint=None,
-                         arch=None, random_init: bool = False, batch_size: int = 64, workers: int = 0,
-                         device: str = "auto", dtype: str = "float16",
-                         progress: bool = True) -> tuple[dict, list[str]]:
-    """``--dense``: N x h x w x D features of every model not yet in `out` and the label maps (see the module
-    docstring), saved after each model. Returns (arrays, models extracted)."""
-    out = Path(out)
-    if size < 1:
-        raise ExtractError("--size must be >= 1")
-    want = {"dataset": dataset, "split": split, "limit": limit, "dense": True, "size": size}
-
-    def dense_only(arrays):
-        if any(arrays[k].ndim != 4 for k in arrays if k != "labels"):
-            raise ExtractError(f"{out} holds classification features; use another --out")
-    arrays, todo, ds, meta = _resume(out, want, models, checkpoint, root,
-                                     lambda: load_seg_dataset(dataset, root, split, download, limit), dense_only)
-    full = None
-    for name in todo:
-        feats, maps, info = _extract_dense_one(name, ds, size, checkpoint, arch, random_init, batch_size,
-                                               workers, device, dtype, progress)
-        if full is None and "labels" in arrays and not _same_label_maps(arrays["labels"], maps):
-            raise ExtractError(f"label maps differ from those in {out}: not the same images; use another --out")
-        if full is not None and not np.array_equal(full, maps):
-            raise ExtractError(f"{name}: label maps differ from those of {todo[0]}")
-        full = maps
-        n, h, w, dim = feats.shape
-        arrays = {**{k: v for k, v in arrays.items() if k != "labels"}, name: feats}
-        labels, label_meta = _dense_labels(full, [tuple(v.shape[1:3]) for v in arrays.values()])
-        arrays["labels"] = labels
-        meta.update(label_meta)
-        meta["models"][name] = {**info, "dtype": dtype, "dim": int(dim), "h": int(h), "w": int(w)}
-        write_output(out, arrays, meta)
-        print(f"{name}\t{n}x{h}x{w}x{dim}\t{info['images_per_s']:.1f} images/s")
-    return arrays, todo
-
-
-def _extract_dense_one(name, ds, size, checkpoint, arch, random_init, batch_size, workers, device, dtype,
-                       progress):
-    vit = (arch or name) in SSL_VITS
-    model, transform, info = build_model(name, checkpoint=checkpoint, arch=arch, pool="cls" if vit else None,
-                                         random_init=random_init)
-    image_size = _vit_image_size(model)
-    if image_size is not None and image_size != size:
-        raise ExtractError(f"{name} takes {image_size}x{image_size} images: use --size {image_size}")
-    dense = dense_model(model, arch or name)
-    pairs = dense_transform(transform, size)
-    feats, maps, ips = run_dense(dense, pairs, ds, batch_size=batch_size, workers=workers, device=device,
-                                 dtype=dtype, desc=name, progress=progress)
-    dev = resolve_device(device)
-    info.update(pool="patch tokens" if image_size is not None else "feature map before global pooling",
-                transform=repr(pairs), images_per_s=round(ips, 2), device=str(dev),
-                autocast=str(autocast_dtype(dev)).replace("torch.", "") if dev.type == "cuda" else None)
-    del model, dense
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return feats, maps, info
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -82,6 +82,9 @@ __version__ = "0.1.0"
 # ----------------------------------------------------------------------------------------------------
 # Defaults: every knob of the method, in one place (SPEC §1).
 
+PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")
+
+
 @dataclass(frozen=True)
 class Config:
     iterations: int = field(default=500, metadata={"help": "training iterations T_iter"})
@@ -116,12 +119,24 @@ class Config:
     dtype: str = field(default="float32", metadata={
         "help": "dtype of the large products (spectral part is always float64)",
         "choices": ("float32", "float64")})
+    preprocess: str = field(default="rms", metadata={
+        "help": "scale-free preprocessing of each model's features (DESIGN.md §0)", "choices": PREPROCESS})
+    folds: int = field(default=5, metadata={
+        "help": "cross-fitting folds k: every sample scored once (1 = the paper's single 4/5 : 1/5 split)"})
+    reading: str = field(default="spec", metadata={
+        "help": "spec, or authors: the authors' code as described (set it with preset('authors'))",
+        "choices": ("spec", "authors")})
     seed: int = field(default=0, metadata={"help": "seed of every random choice of a run"})
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "eval_every", "n_b"):
-            if int(getattr(self, name)) < 1:
+        _check_types(self)
+        for name in ("iterations", "batch_size", "eval_every", "n_b", "folds"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"Config.seed must be ≥ 0, got {self.seed}")
+        if self.latent_dim is not None and self.latent_dim < 1:
+            raise ValueError(f"Config.latent_dim must be ≥ 1 (or None for K), got {self.latent_dim}")
         for name in ("eta", "lr", "eta0", "dis_b", "adam_eps"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"Config.{name} must be > 0, got {getattr(self, name)}")
@@ -139,15 +154,59 @@ class Config:
                 raise ValueError(f"Config.{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
 
 
+def _check_types(cfg):
+    """Config fields hold the types their defaults have: an option given as "5" or 5.0 through the
+    Python API fails here, naming it, not deep inside a run."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), type(f.default)
+        if value is None and f.default is None:
+            continue
+        if f.default is None or kind is int:
+            ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            if ok:
+                object.__setattr__(cfg, f.name, int(value))
+        elif kind is float:
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if ok:
+                object.__setattr__(cfg, f.name, float(value))
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            want = "an integer" if f.default is None or kind is int else kind.__name__
+            raise TypeError(f"Config.{f.name} must be {want}, got {value!r}")
+
+
+def preset(name, **overrides):
+    """A named Config: "default" (this implementation), "paper" (the paper's protocol read literally as to
+    scale: raw features, one 4/5 : 1/5 split) or "authors" (the authors' code as reviewers and a public
+    port describe it, DESIGN.md §1b: per-dimension standardised features, one detached propagation step
+    (I − 0.5·C)(Θ − T) + T, no shift, a linear learning-rate decay over 10,000 iterations, an unstratified
+    80/20 split, the last incomplete batch kept)."""
+    presets = {
+        "default": {},
+        "paper": dict(preprocess="none", folds=1),
+        "authors": dict(preprocess="standardize", folds=1, reading="authors", n=1, eta=0.5, shift=False,
+                        centers="onehot", normalize="theta", c_scale="B", mode="closed"),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r} (choose from {', '.join(presets)})")
+    return _config(None, {**presets[name], **overrides})
+
+
 @dataclass
 class Result:
-    score: float                    # percent; best scoring accuracy over the checkpoints (NaN if diverged)
-    trajectory: list                # [(iteration, accuracy %), ...]
-    n: int                          # deparametric steps used
+    score: float                    # percent: mean over folds of each fold's best scoring accuracy (NaN if
+                                    # diverged)
+    trajectory: list                # [(iteration, accuracy % averaged over folds), ...]
+    n: int                          # deparametric steps (the median over folds; each fold adapts its own)
     seconds: float                  # wall time of the whole run
     diverged: bool = False          # propagation expanded (η·λ_max(C) ≥ 2) or produced non-finite values
-    losses: np.ndarray | None = None  # training loss per iteration
+    losses: np.ndarray | None = None  # training loss per iteration (fold 0)
     note: str = ""
+    fold_scores: list = field(default_factory=list)   # each fold's best scoring accuracy, percent
+    sd: float = float("nan")        # standard deviation of fold_scores (ddof 1; NaN with one fold)
+    chance: float = float("nan")    # percent: accuracy of always predicting the most frequent class
+    fold_n: list = field(default_factory=list)        # each fold's n
 
 
 class Diverged(ArithmeticError):
@@ -448,6 +507,82 @@ def gather(E, rows, dtype):
     return convert(E[rows], dtype)
 
 
+# -- scale-free preprocessing (DESIGN.md §0): applied to rows as they are read, never to a copy of E --
+
+@dataclass(frozen=True)
+class Prep:
+    """x ↦ (x − c)·s for every row (c: D or None; s: a scalar or D), then unit L2 norm if unit_rows."""
+    c: np.ndarray | None
+    s: np.ndarray | float
+    unit_rows: bool = False
+
+
+def preprocessing(E, kind, std_floor=None, rows=None):
+    """The Prep that makes features E (N×D) scale-free, from two streaming passes over all N rows (the
+    labels are not used): "rms" divides by the root-mean-square row norm, "center_rms" centres first,
+    "standardize" gives every dimension mean 0 and std 1 (a constant dimension contributes 0; std_floor,
+    if given, clamps the std from below instead, as the authors' code does), "unit_rows" scales every row
+    to norm 1. rows, if given, limits the statistics to those rows (segmentation: labelled positions). The statistics are taken on E·2⁻ᵉ, 2ᵉ the largest |entry| rounded up to a power of two,
+    so that features × 1e±200 neither overflow nor underflow and a power-of-two factor on E changes c and
+    s by exactly that factor: the scores are then bit-identical."""
+    if kind == "none":
+        return None
+    N, D = (E.shape[0] if rows is None else rows.size), E.shape[1]
+    pieces = (lambda: (E[s] for s in _slices(*E.shape))) if rows is None else \
+        (lambda: (E[r] for r in _chunks(rows, D)))
+    amax = max(float(np.max(np.abs(convert(X, _work_dtype(E))))) for X in pieces())
+    if amax == 0.0:
+        raise ValueError("features are all zero")
+    p = math.ldexp(1.0, -math.frexp(amax)[1])              # exact power of two: E·p has |entries| < 1
+    x0 = convert(next(pieces())[:1], np.float64)[0] * p
+    s1, s2, sq = np.zeros(D), np.zeros(D), 0.0
+    for X in pieces():
+        X = convert(X, np.float64) * p                       # chunk×D
+        sq += float(np.einsum("nd,nd->", X, X))
+        X -= x0
+        s1 += X.sum(axis=0)
+        s2 += np.einsum("nd,nd->d", X, X)
+    mean = x0 + s1 / N
+    var = np.maximum(s2 / N - (s1 / N) ** 2, 0.0)
+    if not np.any(var > (1e-12 * np.max(np.abs(mean))) ** 2):
+        raise ValueError("features are the same for every sample (no information to rank by)")
+    if kind == "rms":
+        return Prep(None, p / math.sqrt(sq / N))
+    if kind == "unit_rows":
+        return Prep(None, p, True)
+    if kind == "center_rms":
+        return Prep(mean / p, p / math.sqrt(float(var.sum())))
+    std = np.sqrt(var)
+    if std_floor is not None:
+        return Prep(mean / p, 1.0 / np.maximum(std / p, std_floor))
+    return Prep(mean / p, np.where(std > 1e-12 * std.max(), p / np.where(std > 0, std, 1.0), 0.0))
+
+
+class _Prepared:
+    """Features as f sees them: rows of E (N×D) read through a Prep, in float32 (float64 for float64
+    features, so that the affine map runs before any narrowing and × 1e200 cannot overflow)."""
+
+    def __init__(self, E, prep):
+        self.E, self.prep = E, prep
+        self.shape, self.ndim = E.shape, 2
+        self.dtype = np.dtype(_work_dtype(E))
+        self._c = None if prep.c is None else prep.c.astype(self.dtype)
+        self._s = np.asarray(prep.s, dtype=self.dtype)
+
+    def __getitem__(self, rows):
+        X = convert(self.E[rows], self.dtype)                # rows×D (a view for a float32 slice)
+        X = (X - self._c) * self._s if self._c is not None else X * self._s
+        if self.prep.unit_rows:
+            X /= np.maximum(np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64)), 1e-300)[:, None] \
+                .astype(self.dtype)
+        return X
+
+
+def prepared(E, prep):
+    """E read through prep (E itself when prep is None)."""
+    return E if prep is None else _Prepared(E, prep)
+
+
 def _accumulate_np(X, yc, sums, s1, s2, x0):
     """Add the rows of a chunk X (rows×D) whose class yc is ≥ 0 to the class sums (K×D) and to the
     moments around x₀ (D); rows of class −1 are skipped."""
@@ -641,6 +776,26 @@ def _propagate_kernel(theta, T, n, eta, s, want_grad):
     return E, backward
 
 
+def propagate_detached(theta, T, n, eta, scale, want_grad=False):
+    """The authors' reading (DESIGN.md §1b): E = (I − ηC)ⁿ(Θ − T) + T with C = s·ΘΘᵀ held constant in
+    the backward pass (built from a detached Θ), so dΘ = ((I − ηC)ⁿ)ᵀ dE. n is 1 there; n small steps
+    cost O(n·B²·Z)."""
+    C = scale * (theta @ theta.T)                      # B×B
+    R = theta - T
+    for _ in range(n):
+        R = R - eta * (C @ R)                          # B×Z
+    if not np.all(np.isfinite(R)):
+        raise Diverged("non-finite values in the propagation")
+    if not want_grad:
+        return R + T, None
+
+    def backward(dE):
+        for _ in range(n):
+            dE = dE - eta * (C @ dE)                   # C symmetric: Cᵀ = C
+        return dE
+    return R + T, backward
+
+
 def _pc_grad(E, T, Q, pc_loss):
     """∇_E L_pc for the explicit loop, and what its Jacobian needs (softmax rows for CE)."""
     if pc_loss == "mse":
@@ -694,14 +849,16 @@ class Plan:
     """Everything a run's seed decides, fixed before training (tests replay it in torch)."""
     train_idx: np.ndarray           # rows of E that train ITM
     score_idx: np.ndarray           # rows of E that score it
-    y: np.ndarray                   # labels mapped to 0..K−1 (all N rows)
+    y: np.ndarray                   # labels mapped to 0..K−1 (all N rows; −1 = unlabelled position)
     classes: np.ndarray             # original label of each class index
     n: int                          # deparametric steps
     centres: np.ndarray             # Ê, K×Z (shifted when Config.shift)
     q: np.ndarray                   # unshifted centres squared (CE targets of the explicit loop), K×Z
     params: list                    # initial [W_z (D×Z), b_z (Z), W_h (Z×K), b_h (K)]
-    batches: np.ndarray             # iterations×B (or iterations×N_train) row indices into E
+    batches: object                 # iterations×B row indices into E (a list when batch sizes vary)
     dis: float                      # adaptive-n distance (NaN when n was given)
+    prep: Prep | None = None        # how f reads the features (None: raw)
+    fold: int = 0                   # which of Config.folds this run scores
 
 
 def _check_features(E, ndim=2):
@@ -906,9 +1063,16 @@ def init_params(D, Z, K, rng, dtype):
             rng.uniform(-bh, bh, (Z, K)).astype(dtype), rng.uniform(-bh, bh, K).astype(dtype)]
 
 
-def make_batches(n_train, B, iterations, rng):
+def make_batches(n_train, B, iterations, rng, keep_last=False):
     """Per epoch a fresh permutation cut into batches of B, the last incomplete one dropped (one batch
-    of everything when the training part is smaller than B). Positions into the training part."""
+    of everything when the training part is smaller than B). Positions into the training part.
+    keep_last keeps it (the authors' reading): then a list of arrays, the last of each epoch shorter."""
+    if keep_last:
+        cuts = []
+        while len(cuts) < iterations:
+            order = rng.permutation(n_train)
+            cuts += [order[i:i + B] for i in range(0, n_train, B)]
+        return cuts[:iterations]
     if n_train < B:
         return np.stack([rng.permutation(n_train) for _ in range(iterations)])
     per_epoch = n_train // B
@@ -924,26 +1088,82 @@ def _is_dense(features, cfg):
     return cfg.task == "segmentation" or (cfg.task == "auto" and ndim == 4)
 
 
-def make_plan(features, labels, config=None, **overrides):
-    """Validate the input and draw every random choice of a run (split, centres, init, batch order)."""
-    cfg = _config(config, overrides)
-    rng = np.random.default_rng(cfg.seed)
+@dataclass
+class _Data:
+    """A model's checked input, shared by the runs of all its folds."""
+    E: object                       # the features as f reads them (rows, through prep), N×D
+    y: np.ndarray                   # class index of every row, −1 = unlabelled position
+    classes: np.ndarray
+    image: np.ndarray | None        # segmentation: the image of every row
+    prep: Prep | None
+    fold_of: np.ndarray | None      # cross-fitting: the fold of every row (of every image when dense)
+
+
+def prepare(features, labels, cfg):
+    """Check one model's input, encode its labels, fix its preprocessing and its folds."""
     if _is_dense(features, cfg):
         y, classes, image = dense_samples(features, labels)
-        train_idx, score_idx = split_by_image(y, image, rng)
         E, N = as_rows(np.asarray(features)), int(np.sum(y >= 0))
     else:
         E = _check_features(features)
         y, classes = encode_labels(labels, E.shape[0])
-        train_idx, score_idx = stratified_split(y, rng)
-        N = E.shape[0]
+        image, N = None, E.shape[0]
     if N < cfg.batch_size:
         raise ValueError(f"N={N} samples is smaller than batch_size={cfg.batch_size}; "
                          "pass a smaller batch_size")
-    D, K = E.shape[1], classes.size
+    if cfg.latent_dim is not None and cfg.latent_dim < classes.size:
+        raise ValueError(f"latent_dim={cfg.latent_dim} is smaller than the number of classes K={classes.size}")
+    if image is not None and np.unique(image[y >= 0]).size < 2:
+        raise ValueError("segmentation needs at least 2 images with labelled pixels")
+    prep = preprocessing(E, cfg.preprocess, 1e-6 if cfg.reading == "authors" else None,
+                         None if image is None else np.flatnonzero(y >= 0))
+    fold_of = None
+    if cfg.folds > 1:
+        rng = np.random.default_rng(cfg.seed)
+        units = np.unique(image[y >= 0]).size if image is not None else N
+        if units < cfg.folds:
+            raise ValueError(f"folds={cfg.folds} needs at least {cfg.folds} "
+                             f"{'images' if image is not None else 'samples'}, got {units}")
+        fold_of = (rng.permutation(int(image.max()) + 1) % cfg.folds if image is not None
+                   else crossfit_folds(y, cfg.folds, rng))
+    return _Data(prepared(E, prep), y, classes, image, prep, fold_of)
+
+
+def crossfit_folds(y, k, rng):
+    """The fold (0..k−1) of every sample: each class's members are shuffled and dealt round-robin,
+    continuing where the previous class stopped, so every class is spread over the folds in proportion
+    and the fold sizes differ by at most one."""
+    fold, start = np.empty(y.size, dtype=np.int64), 0
+    for c in range(int(y.max()) + 1):
+        members = rng.permutation(np.flatnonzero(y == c))
+        fold[members] = (start + np.arange(members.size)) % k
+        start += members.size
+    return fold
+
+
+def _split(data, cfg, fold):
+    """(train rows, score rows, rng for the run's other choices) of fold `fold`."""
+    if cfg.folds == 1:                                   # the paper's split: one rng for the whole plan
+        rng = np.random.default_rng(cfg.seed)
+        if data.image is not None:
+            return (*split_by_image(data.y, data.image, rng), rng)
+        if cfg.reading == "authors":                     # unstratified random 80/20
+            order = rng.permutation(data.y.size)
+            m = int(round(data.y.size / 5))
+            return order[m:], order[:m], rng
+        return (*stratified_split(data.y, rng), rng)
+    rng = np.random.default_rng([cfg.seed, fold])
+    labelled = data.y >= 0
+    member = data.fold_of[data.image] if data.image is not None else data.fold_of
+    train = rng.permutation(np.flatnonzero(labelled & (member != fold)))
+    score = np.flatnonzero(labelled & (member == fold))  # image order: consecutive positions (dense)
+    return train, (score if data.image is not None else rng.permutation(score)), rng
+
+
+def _plan(data, cfg, fold):
+    train_idx, score_idx, rng = _split(data, cfg, fold)
+    E, y, K = data.E, data.y, data.classes.size
     Z = cfg.latent_dim or K
-    if Z < K:
-        raise ValueError(f"latent_dim={Z} is smaller than the number of classes K={K}")
     stats = training_stats(E, train_idx, y, K) if cfg.n is None or cfg.shift else None
     if cfg.n is not None:
         n, dis = int(cfg.n), float("nan")
@@ -957,16 +1177,30 @@ def make_plan(features, labels, config=None, **overrides):
         else:
             mu, sigma = moments_from_stats(*stats[1:], train_idx.size)
         centres = mu + sigma * unit
-    params = init_params(D, Z, K, rng, np.dtype(cfg.dtype))
-    batches = train_idx[make_batches(train_idx.size, cfg.batch_size, cfg.iterations, rng)]
-    return Plan(train_idx, score_idx, y, classes, n, centres, unit ** 2, params, batches, dis)
+    params = init_params(E.shape[1], Z, K, rng, np.dtype(cfg.dtype))
+    batches = make_batches(train_idx.size, cfg.batch_size, cfg.iterations, rng,
+                           keep_last=cfg.reading == "authors")
+    batches = [train_idx[b] for b in batches] if isinstance(batches, list) else train_idx[batches]
+    return Plan(train_idx=train_idx, score_idx=score_idx, y=y, classes=data.classes, n=n, centres=centres,
+                q=unit ** 2, params=params, batches=batches, dis=dis, prep=data.prep, fold=fold)
+
+
+def make_plan(features, labels, config=None, fold=0, **overrides):
+    """Validate the input and draw every random choice of the run that scores fold `fold` of
+    Config.folds: the split, the centres, the initial weights, the batch order."""
+    cfg = _config(config, overrides)
+    if not 0 <= fold < cfg.folds:
+        raise ValueError(f"fold must be in 0..{cfg.folds - 1}, got {fold}")
+    return _plan(prepare(features, labels, cfg), cfg, fold)
 
 
 class _Model:
     """f (D→Z), the propagation, h (Z→K): forward, loss and gradients for one batch."""
 
     def __init__(self, E, plan, cfg):
-        self.E, self.plan, self.cfg = as_rows(E), plan, cfg
+        if not isinstance(E, _Prepared):                           # raw features: read through plan.prep
+            E = prepared(as_rows(np.asarray(E)), plan.prep)
+        self.E, self.plan, self.cfg = E, plan, cfg
         self.dtype = np.dtype(cfg.dtype)
 
     def batch(self, rows):
@@ -983,7 +1217,10 @@ class _Model:
         with _one_blas_thread():                                   # the rest is small: see _small_products
             theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
             scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
-            if cfg.mode == "closed":
+            if cfg.reading == "authors":
+                logits, back = _with_head(*propagate_detached(theta, T, plan.n, cfg.eta, scale, want_grad),
+                                          Wh, bh)
+            elif cfg.mode == "closed":
                 logits, back = propagate_logits(theta, T, plan.n, cfg.eta, scale, Wh, bh, want_grad)
             else:
                 logits, back = _with_head(*propagate_explicit(
@@ -1031,7 +1268,8 @@ class _Model:
 
 
 def train(E, plan, cfg, callback=None):
-    """Algorithm 2 with AdamW; returns (trajectory, losses). callback(t, loss, params) if given."""
+    """Algorithm 2 with AdamW on the features E (as given to make_plan, or already read through
+    plan.prep); returns (trajectory, losses). callback(t, loss, params) if given."""
     model = _Model(E, plan, cfg)
     with _one_blas_thread(_small_products(cfg.batch_size, *plan.params[0].shape)):
         return _train_loop(model, plan, cfg, callback)
@@ -1044,8 +1282,11 @@ def _train_loop(model, plan, cfg, callback):
     for t in range(1, cfg.iterations + 1):
         loss, grads = model.loss_and_grads(params, plan.batches[t - 1])
         losses[t - 1] = loss
+        lr = cfg.lr
+        if cfg.reading == "authors":                     # torch's PolynomialLR(total_iters=10,000, power 1)
+            lr = cfg.lr * (1.0 - min(t - 1, 10_000) / 10_000)
         for p, g, (m, v) in zip(params, grads, moments):
-            adamw_step(p, g, m, v, cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.adam_eps, t)
+            adamw_step(p, g, m, v, lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.adam_eps, t)
         if callback is not None:
             callback(t, loss, params)
         if t % cfg.eval_every == 0 or t == cfg.iterations:
@@ -1067,15 +1308,30 @@ def _config(config, overrides):
 
 
 def _score(features, labels, cfg):
+    """Every fold of one model: train on the other folds, score this one; aggregate."""
     start = time.perf_counter()
-    features = np.asarray(features)
-    plan = make_plan(features, labels, cfg)
-    try:
-        trajectory, losses = train(features, plan, cfg)
-    except Diverged as err:
-        return Result(float("nan"), [], plan.n, time.perf_counter() - start, True, None, str(err))
-    best = max(acc for _, acc in trajectory)
-    return Result(best, trajectory, plan.n, time.perf_counter() - start, False, losses)
+    data = prepare(np.asarray(features) if not isinstance(features, np.ndarray) else features, labels, cfg)
+    runs, n = [], []
+    for fold in range(cfg.folds):
+        plan = _plan(data, cfg, fold)
+        n.append(plan.n)
+        try:
+            runs.append(train(data.E, plan, cfg))
+        except Diverged as err:
+            note = f"fold {fold + 1} of {cfg.folds}: {err}" if cfg.folds > 1 else str(err)
+            return Result(float("nan"), [], int(np.median(n)), time.perf_counter() - start, True, None, note,
+                          fold_n=n, chance=_chance(data.y))
+    best = [max(acc for _, acc in trajectory) for trajectory, _ in runs]
+    trajectory = [(t, float(np.mean([traj[i][1] for traj, _ in runs]))) for i, (t, _) in enumerate(runs[0][0])]
+    return Result(float(np.mean(best)), trajectory, int(np.median(n)), time.perf_counter() - start, False,
+                  runs[0][1], fold_scores=best, sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"),
+                  chance=_chance(data.y), fold_n=n)
+
+
+def _chance(y):
+    """Percent: the accuracy of always predicting the most frequent class (over labelled rows)."""
+    counts = np.bincount(y[y >= 0])
+    return 100.0 * counts.max() / counts.sum()
 
 
 def itm_score(features, labels, config=None, **overrides) -> Result:

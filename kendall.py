@@ -33,14 +33,19 @@ Example
 >>> evaluate({"cifar10": {"a": 2.0, "b": 1.0}}, {"cifar10": {"a": 97.1, "b": 96.0}})
 {'tau_w': {'cifar10': 1.0, 'mean': 1.0}}
 
-CLI: ``python kendall.py --scores scores.json --truth truth.json [--table T] [--metric tau_w,rho,rel1]
-[--json] [--missing drop] [--stability K]``.
+CLI: ``python kendall.py --scores itm.json --scores baselines.json --truth truth.json [--target T]
+[--metric tau_w,rho,rel1] [--json] [--missing drop] [--stability K]``.  A scores file is what
+``itm.py --json`` and ``baselines.py --json`` print, ``{"dataset": NAME or null, "scores": {method:
+{model: score or null}}, ...}`` (null: the method failed on that model, which is then dropped with a
+note), or ``{dataset: {model: score}}`` or ``{method: {dataset: {model: score}}}``.  The truth is
+``{model: accuracy}`` or ``{target: {model: accuracy}, ...metadata}``; the table is the one ``--target``
+names, else the one the scores' dataset names, else the only one.  An undefined metric (all scores or
+all truth values tied) is a note on stderr and ``n/a`` in the table (null in JSON).
 
 numba is optional: without it, or with ``ITM_NO_NUMBA=1``, everything runs in NumPy with the same results.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -415,7 +420,9 @@ def evaluate(scores, truth, *, metrics=("tau_w",), missing="error", zero_is_miss
     Every scored dataset must be in truth; truth-only datasets are ignored.  A model in one mapping
     but not the other is a ValueError unless ``missing="drop"`` (then a warning).  A truth of 0 is a
     missing run and is dropped with a warning (``zero_is_missing=False`` keeps it).  Metrics: tau_w,
-    tau_w_paper, tau (tau-b), rho, pearson, top1 (hit = 1.0), rel<k> (e.g. rel1, rel3).
+    tau_w_paper, tau (tau-b), rho, pearson, top1 (hit = 1.0), rel<k> (e.g. rel1, rel3).  A metric that
+    is undefined (all scores or all truth values tied) is nan, with a warning naming the dataset; a
+    mean over a nan is nan.
     """
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
@@ -438,9 +445,18 @@ def evaluate(scores, truth, *, metrics=("tau_w",), missing="error", zero_is_miss
                 table[name][ds] = fn(x, y)
             except ValueError as e:
                 raise ValueError(f"{ds}: {e}") from None
+        _warn_undefined([name for name in fns if math.isnan(table[name][ds])], ds, x, y)
     for row in table.values():
         row["mean"] = float(np.mean(list(row.values())))
     return table
+
+
+def _warn_undefined(names, ds, x, y):
+    """A nan metric is no number to compare: say why (a constant side), so a table's n/a is explained."""
+    if names:
+        tied = [what for what, v in (("scores", x), ("truth values", y)) if len(set(v)) == 1]
+        why = f"all {' and '.join(tied)} tied: " if tied else ""
+        warnings.warn(f"{ds}: {why}{', '.join(names)} undefined", stacklevel=3)
 
 
 def _stability_inputs(scores_by_method, truth, missing, zero_is_missing):
@@ -499,10 +515,40 @@ def stability(scores_by_method, truth, k=10, *, weigher=None, additive=True, mis
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr and exit 1, like every other bad input
-        print(f"kendall.py: error: {message}", file=sys.stderr)
-        raise SystemExit(1)
+def _parse_args(argv):
+    p = itm.CLIParser(prog="kendall.py", description="Rank-correlation metrics of transferability scores "
+                      "(higher = better) against fine-tuned accuracy.")
+    p.add_argument("--scores", required=True, action="append", metavar="FILE",
+                   help='JSON {"dataset": NAME or null, "scores": {method: {model: score or null}}} (what '
+                   "itm.py --json and baselines.py --json print), or {dataset: {model: score}}, or {method: "
+                   "{dataset: {model: score}}}; give it several times (or comma-separated) to compare methods")
+    p.add_argument("--truth", required=True, metavar="FILE",
+                   help="JSON {model: accuracy}, or {target: {model: accuracy}, ...metadata} (entries that "
+                   "are not tables of numbers are ignored)")
+    p.add_argument("--target", help="the truth table to score against (default: the one the scores' "
+                   "dataset names, else the only one)")
+    p.add_argument("--table", help="for a truth file of several {dataset: {model: accuracy}} groups (like "
+                   "bench/data/finetune_acc_tables.json): which group")
+    p.add_argument("--metric", help="comma list: tau_w,tau_w_paper,tau,rho,pearson,top1,rel<k> (default tau_w)")
+    p.add_argument("--missing", choices=("error", "drop"), default="error", help="models present on one side only")
+    p.add_argument("--stability", type=int, metavar="K", help="tau_w over every K-subset of the models instead")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (n/a is null)")
+    args = p.parse_args(argv)
+    for arg in args.scores:
+        if "" in arg.split(","):
+            p.error(f"--scores: empty file name in {arg!r}")
+    args.scores = [path for arg in args.scores for path in arg.split(",")]
+    if args.stability is not None and args.metric is not None:
+        p.error("--metric does not apply to --stability (which is tau_w)")
+    if args.stability is not None and args.stability < 2:
+        p.error(f"--stability: K must be >= 2, got {args.stability}")
+    args.metrics = [m.strip() for m in (args.metric or "tau_w").split(",") if m.strip()]
+    try:
+        for name in args.metrics or [""]:
+            _metric_fn(name)
+    except ValueError as e:
+        p.error(f"--metric: {e}")
+    return args
 
 
 def _load_json(path, what):
@@ -511,102 +557,233 @@ def _load_json(path, what):
             return json.load(f)
     except OSError as e:
         raise ValueError(f"cannot read {what} file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} file {path} is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} file {path} is not valid JSON: {itm.one_line(e)}") from None
 
 
-def _depth(d):
-    """Nesting depth of dicts: {model: x} -> 1, {dataset: {model: x}} -> 2, ..."""
-    n = 0
-    while isinstance(d, Mapping) and d:
-        d, n = next(iter(d.values())), n + 1
-    return n
+def _levels(d):
+    """Nesting depth of mappings, all leaves at one depth: {model: x} -> 1, {dataset: {model: x}} -> 2;
+    0 for anything else (a leaf, an empty mapping, mixed depths)."""
+    if not isinstance(d, Mapping) or not d:
+        return 0
+    depths = {_levels(v) if isinstance(v, Mapping) else 0 for v in d.values()}
+    return 1 + depths.pop() if len(depths) == 1 else 0
 
 
-def _load_inputs(args):
-    """-> ({method: {dataset: {model: score}}}, {dataset: {model: acc}}, single_method)."""
-    scores = _load_json(args.scores, "scores")
-    truth = _load_json(args.truth, "truth")
-    if _depth(truth) == 3:  # a file of several published tables, like finetune_acc_tables.json
-        if args.table is None or args.table not in truth:
-            raise ValueError(f"truth file holds tables {sorted(truth)}; choose one with --table")
-        truth = truth[args.table]
-    elif args.table is not None:
-        raise ValueError("--table given but the truth file holds a single table")
-    if _depth(truth) != 2:
-        raise ValueError("truth must be {dataset: {model: accuracy}}")
-    single = _depth(scores) == 2
-    if not single and _depth(scores) != 3:
-        raise ValueError("scores must be {dataset: {model: score}} or {method: {dataset: {model: score}}}")
-    return ({"scores": scores} if single else scores), truth, single
+def _load_scores(path):
+    """One --scores file -> ({method: {dataset or None: {model: score or None}}}, legacy one-method file?)."""
+    doc = _load_json(path, "scores")
+    if isinstance(doc, Mapping) and "dataset" in doc and "scores" in doc \
+            and not isinstance(doc["dataset"], Mapping):  # the shape itm.py and baselines.py print
+        dataset, by_method = doc["dataset"], doc["scores"]
+        if dataset is not None and not isinstance(dataset, str):
+            raise ValueError(f"scores file {path}: \"dataset\" must be a name or null, got {dataset!r}")
+        if _levels(by_method) != 2:
+            raise ValueError(f"scores file {path}: \"scores\" must be {{method: {{model: score or null}}}}")
+        return {method: {dataset: s} for method, s in by_method.items()}, False
+    if _levels(doc) == 2:  # one method, named by its file
+        return {os.path.splitext(os.path.basename(path))[0]: doc}, True
+    if _levels(doc) == 3:
+        return doc, False
+    raise ValueError(f'scores file {path}: expected {{"dataset": NAME, "scores": {{method: {{model: score}}}}}}, '
+                     "{dataset: {model: score}} or {method: {dataset: {model: score}}}")
 
 
-def _print_table(results, metrics):
-    """Table 1 layout: one block per metric, a row per method, a column per dataset and the mean."""
-    for metric in metrics:
-        cols = list(next(iter(results.values()))[metric])
-        width = max(9, *(len(c) for c in cols))
-        print(f"{metric:<16}" + "".join(f"{c:>{width + 1}}" for c in cols))
-        for method, res in results.items():
-            print(f"{method:<16}" + "".join(f"{res[metric].get(c, math.nan):>{width + 1}.4f}" for c in cols))
-        print()
+def _truth_lookup(args):
+    """-> lookup(name) -> (column label, {model: accuracy}): the truth table for one scores dataset."""
+    doc = _load_json(args.truth, "truth")
+    if args.table is not None:
+        return _group_lookup(args, doc)
+    if _levels(doc) == 3:
+        raise ValueError(f"truth file {args.truth} holds groups of tables {sorted(doc)}; choose one with --table")
+    stem = os.path.splitext(os.path.basename(args.truth))[0]
+
+    def lookup(name):
+        if args.target is not None:
+            return args.target, itm.load_truth(args.truth, args.target)
+        return (name or stem), _named_or_only(args.truth, name)
+    return lookup
 
 
-def _run_stability(methods, truth, k, missing, as_json):
-    out = {}
-    for ds in next(iter(methods.values())):
-        if ds not in truth:
-            raise ValueError(f"dataset {ds!r} is not in truth")
-        res = stability({m: s[ds] for m, s in methods.items()}, truth[ds], k, missing=missing)
-        out[ds] = {"models": res["models"], "k": k, "n_subsets": len(res["subsets"]),
-                   **res["summary"], "tau": {m: t.tolist() for m, t in res["tau"].items()}}
-    if as_json:
-        print(json.dumps(out, indent=1))
-        return
-    for ds, r in out.items():
-        print(f"{ds}: {r['n_subsets']} subsets of {r['k']} from {len(r['models'])} models")
-        for m in r["mean"]:
-            beats = ", ".join(f"> {b}: {f:.3f}" for b, f in r["beats"][m].items())
-            print(f"  {m:<16} tau_w {r['mean'][m]:.4f} +- {r['std'][m]:.4f}  {beats}")
-
-
-def main(argv=None) -> int:
-    p = _Parser(description="Rank-correlation metrics of transferability scores vs fine-tuned accuracy.")
-    p.add_argument("--scores", required=True,
-                   help="JSON {dataset: {model: score}} or {method: {dataset: {model: score}}}; higher = better")
-    p.add_argument("--truth", required=True, help="JSON {dataset: {model: accuracy}} (or several tables, see --table)")
-    p.add_argument("--table", help="which table of a multi-table truth file (e.g. sfda_group1)")
-    p.add_argument("--metric", default="tau_w", help="comma list: tau_w,tau_w_paper,tau,rho,pearson,top1,rel<k>")
-    p.add_argument("--missing", choices=("error", "drop"), default="error", help="models present on one side only")
-    p.add_argument("--stability", type=int, metavar="K", help="tau_w over every K-subset of the models instead")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+def _named_or_only(path, name):
+    """The table the scores' dataset names, else the only one (itm.load_truth's rules for either)."""
     try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (1): return the code, don't exit
-        return int(e.code or 0)
+        return itm.load_truth(path, name)
+    except ValueError as err:
+        if name is None:
+            raise
+        try:
+            table = itm.load_truth(path)
+        except ValueError:
+            raise err from None  # it names the tables there are
+    warnings.warn(f"truth file {path} has no table {name!r}: its only table is used for {name!r}")
+    return table
+
+
+def _group_lookup(args, doc):
+    group = doc.get(args.table) if isinstance(doc, Mapping) else None
+    if _levels(group) != 2:
+        groups = sorted(k for k, v in doc.items() if _levels(v) == 2) if isinstance(doc, Mapping) else []
+        raise ValueError(f"--table {args.table!r}: truth file {args.truth} has no such group of "
+                         f"{{dataset: {{model: accuracy}}}} tables (groups: {', '.join(groups) or 'none'})")
+
+    def lookup(name):
+        name = args.target or name
+        if name is None and len(group) == 1:
+            name = next(iter(group))
+        if name not in group:
+            raise ValueError(f"dataset {name!r} is not in --table {args.table!r} of {args.truth} "
+                             f"(datasets: {', '.join(group)})")
+        return name, group[name]
+    return lookup
+
+
+def _gather(args):
+    """-> ({method: {column: {model: score or None}}}, {column: {model: accuracy}}, legacy one-method?)."""
+    files = [(path, *_load_scores(path)) for path in args.scores]
+    datasets = list(dict.fromkeys(ds for _, by_method, _ in files for cols in by_method.values() for ds in cols))
+    named = [ds for ds in datasets if ds is not None]
+    if args.target is not None and len(named) > 1:
+        raise ValueError(f"--target {args.target!r} picks one truth table, but the scores cover datasets "
+                         f"{', '.join(named)}; leave --target out to match each by name")
+    lookup = _truth_lookup(args)
+    columns = {ds: lookup(ds) for ds in datasets}
+    scores, origin = {}, {}
+    for path, by_method, _ in files:
+        for method, cols in by_method.items():
+            for ds, values in cols.items():
+                label = columns[ds][0]
+                if (method, label) in origin:
+                    raise ValueError(f"method {method!r} has scores for {label!r} in {origin[method, label]} "
+                                     f"and in {path}")
+                origin[method, label] = path
+                scores.setdefault(method, {})[label] = values
+    truth = dict(columns.values())
+    return scores, truth, len(files) == 1 and files[0][2]
+
+
+def _clean(scores, truth):
+    """Drop 0 truth (a missing fine-tuning run) and null scores (the method failed or diverged on that
+    model), each with one note -> (scores, truth, {(method, column): models with null scores})."""
+    truth, zeros = dict(truth), {}
+    for label, table in truth.items():
+        truth[label], zeros[label] = _drop_zero_truth(table, f"{label}: ")
+    kept, nulls = {}, {}
+    for method, cols in scores.items():
+        for label, values in cols.items():
+            if not isinstance(values, Mapping):
+                raise ValueError(f"{method}: {label}: scores must be a {{model: score}} mapping")
+            null = [m for m, v in values.items() if v is None and m not in zeros[label]]
+            if null:
+                warnings.warn(f"{method}: {label}: no score (null) for {', '.join(null)}: dropped")
+            nulls[method, label] = set(null)
+            kept.setdefault(method, {})[label] = {m: v for m, v in values.items()
+                                                   if v is not None and m not in zeros[label]}
+    return kept, truth, nulls
+
+
+def _noted(prefix, fn, *args, **kwargs):
+    """fn(*args, **kwargs), its warnings re-issued with a prefix (the method they are about)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            _run(args)
-            code = 0
-        except (ValueError, TypeError) as e:  # bad input: one line, never a traceback
-            print(f"kendall.py: error: {e}", file=sys.stderr)
-            code = 1
-    for w in caught:  # notes (dropped models) as single lines on stderr
-        print(f"kendall.py: note: {w.message}", file=sys.stderr)
-    return code
+        out = fn(*args, **kwargs)
+    for w in caught:
+        warnings.warn(f"{prefix}{w.message}", stacklevel=2)
+    return out
+
+
+def _without(table, models):
+    return {m: v for m, v in table.items() if m not in models}
+
+
+def _evaluate_all(scores, truth, nulls, args):
+    """{method: {metric: {column: value, "mean": value}}}; a method is scored on the models it scored."""
+    return {method: _noted(f"{method}: ", evaluate, cols,
+                           {label: _without(truth[label], nulls[method, label]) for label in cols},
+                           metrics=args.metrics, missing=args.missing, zero_is_missing=False)
+            for method, cols in scores.items()}
+
+
+def _stability_all(scores, truth, nulls, args):
+    """{column: summary}: every method that scored a column, on the models all of them scored."""
+    out = {}
+    for label, table in truth.items():
+        methods = [m for m in scores if label in scores[m]]
+        failed = set().union(*(nulls[m, label] for m in methods))
+        res = stability({m: _without(scores[m][label], failed) for m in methods}, _without(table, failed),
+                        args.stability, missing=args.missing, zero_is_missing=False)
+        out[label] = {"models": res["models"], "k": args.stability, "n_subsets": len(res["subsets"]),
+                      **res["summary"], "tau": {m: t.tolist() for m, t in res["tau"].items()}}
+    return out
+
+
+def _cell(v):
+    return "-" if v is None else "n/a" if math.isnan(v) else f"{v:.4f}"
+
+
+def _format_table(results, metrics):
+    """Table 1 layout: one block per metric, a row per method, a column per dataset and the mean."""
+    cols = list(dict.fromkeys(c for res in results.values() for c in res[metrics[0]] if c != "mean"))
+    cols.append("mean")
+    width, name_width = max(9, *(len(c) for c in cols)), max(16, *(len(m) + 1 for m in results))
+    lines = []
+    for metric in metrics:
+        lines.append(f"{metric:<{name_width}}" + "".join(f"{c:>{width + 1}}" for c in cols))
+        lines += [f"{method:<{name_width}}" + "".join(f"{_cell(res[metric].get(c)):>{width + 1}}" for c in cols)
+                  for method, res in results.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _format_stability(out):
+    lines = []
+    for ds, r in out.items():
+        lines.append(f"{ds}: {r['n_subsets']} subsets of {r['k']} from {len(r['models'])} models")
+        for m in r["mean"]:
+            beats = ", ".join(f"> {b}: {f:.3f}" for b, f in r["beats"][m].items())
+            lines.append(f"  {m:<16} tau_w {_cell(r['mean'][m])} +- {_cell(r['std'][m])}  {beats}")
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    """nan -> None, so --json prints strict JSON (null = undefined)."""
+    if isinstance(obj, Mapping):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
 def _run(args):
-    methods, truth, single = _load_inputs(args)
+    """-> the text for stdout."""
+    scores, truth, single = _gather(args)
+    scores, truth, nulls = _clean(scores, truth)
     if args.stability is not None:
-        return _run_stability(methods, truth, args.stability, args.missing, args.json)
-    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
-    results = {m: evaluate(s, truth, metrics=metrics, missing=args.missing) for m, s in methods.items()}
-    if args.json:
-        print(json.dumps(results["scores"] if single else results, indent=1))
-    else:
-        _print_table(results, metrics)
+        out = _stability_all(scores, truth, nulls, args)
+        return json.dumps(_jsonable(out), indent=1) if args.json else _format_stability(out)
+    results = _evaluate_all(scores, truth, nulls, args)
+    if args.json:  # a legacy one-method file keeps its unkeyed output: {metric: {dataset: value}}
+        return json.dumps(_jsonable(next(iter(results.values())) if single else results), indent=1)
+    return _format_table(results, args.metrics)
+
+
+def _main(argv):
+    args = _parse_args(argv)  # every option is checked before any file is read
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            text = _run(args)
+        finally:  # notes (dropped models, undefined metrics) as single lines, each once
+            for note in dict.fromkeys(str(w.message) for w in caught):
+                print(f"kendall.py: note: {' '.join(note.split())}", file=sys.stderr)
+    # Flushed here, so a reader that left (`| head -1`) raises inside run_cli, which ends quietly.
+    print(text, flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit status (errors: one line on stderr, status 1)."""
+    return itm.run_cli("kendall.py", _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,64 @@
-"""Ranking accuracy of ITM vs the baselines on the real te_bench targets (the paper's Table 1 and Fig. 3).
+"""Ranking accuracy of ITM vs the baselines and static priors on the real te_bench targets (the paper's
+Table 1 and Fig. 3), and the ablation of ITM's protocol and readings.
 
 Usage::
 
-    python bench/accuracy.py                        # every target with ground truth: prints the tables,
-                                                    # writes bench/results/results.md, results.json, *.png
-    python bench/accuracy.py --ablation             # + the SPEC §1a ablation of ITM's readings (slower)
-    python bench/accuracy.py --jobs 2               # ITM in 2 processes (itm.rank(..., jobs=2))
-    python bench/accuracy.py --shared PATH          # shared/ elsewhere (default <repo>/../shared)
+    python bench/accuracy.py                        # every target with enough ground truth: prints the
+                                                    # tables, writes bench/results/results.md, .json, *.png
+    python bench/accuracy.py --ablation             # + the ITM ablation (preprocess, folds, presets,
+                                                    #   DESIGN.md §1a readings; slow)
+    python bench/accuracy.py --jobs 2               # score each pool in 2 processes
+    python bench/accuracy.py --scheduler local:4    # ... on a Dask cluster (itm.make_executor)
+    python bench/accuracy.py --shared DIR           # the benchmark folder: DIR/te_bench/{features/,
+                                                    #   groundtruth.json, models.json}
     python bench/accuracy.py --readme README.md     # run, then replace the README's results region
     python bench/accuracy.py --readme README.md --readme-only   # paste the existing results.md only
     pytest bench/bench_accuracy.py --benchmark-only # timing side: ITM vs each baseline, one model
 
-Protocol (every choice is here, and repeated in the generated notes):
+This file is the pipeline (load, score, evaluate); bench/report.py writes the tables, the README region
+and the figures from the results it returns. Protocol (every choice is here, and in the generated notes):
 
-* Targets: every ``te_bench/features/<target>.npz`` whose target has ground truth in ``groundtruth.json``.
-  Incomplete targets (``details[target].complete`` false) count with their finished models only; a model
-  without ground truth is skipped for that target, with a note. Features are used as stored (float16);
-  each method casts as it needs.
-* ITM: ``itm.rank`` with the default ``itm.Config`` and seeds 0-4; τ_w mean ± std (std with ddof 0) over
-  the seeds, and the τ_w of each model's 5-seed mean score. A diverged run (score NaN) ranks last (tied).
-* Baselines: every function of ``baselines.py`` that applies; pool-relative ones (ETran, NCTI, SA) through
-  ``*_parts`` + ``combine`` over the target's pool; NLEEP/PARC at their documented caps (defaults). LEEP and
-  NCE need source-model logits, which the features do not carry: "n/a". A method that raises or is
-  missing is "n/a (reason)". Warnings a method emits (e.g. PED without ImageNet reference features) are
-  listed in the notes. Baseline scores are rounded to 10 significant digits before ranking, so that
-  round-off cannot order models a method scores equally (H-score saturates at C − 1 when D ≳ N: its
-  raw values 15.999999999999993 / 16.0 / 16.000000000000007 are ties); ties are reported in the notes.
-* Metrics: ``kendall.evaluate`` (τ_w as scipy.stats.weightedtau, Kendall τ-b, Spearman ρ, Rel@1).
-* Stability: ``kendall.stability`` over every k-subset (k = 10) of each target's pool when there are at
-  most ``--max-subsets`` (400,000: C(21, 10) = 352,716 fits), else a seeded random sample of
-  ``--subset-sample`` subsets (seed 0). ITM enters twice: seed 0 (one run, as a user would run it) and the
-  5-seed mean score. The figure plots at most 20,000 of the subsets (a seeded sample); the numbers use all.
-* Seconds: wall time to score a target's whole pool once (ITM: mean over seeds). They depend on the
-  machine and on its load; every other number is deterministic given the seeds.
+* Targets: every ``features/<target>.npz`` with ground truth in ``groundtruth.json``. A target is scored on
+  its models with ground truth only, and only when at least ``--min-models`` (8) of them have it: a
+  ranking of fewer models says little (τ_w of 2 models is ±1). Features are used as stored (float16).
+* ITM: ``itm.itm_score`` per model with ``itm.Config()`` (its defaults, plus ``--itm`` overrides), seeds
+  0 … ``--seeds``−1 (10); τ_w mean ± sd (ddof 0) over the seeds, and the τ_w of each model's mean score
+  over the seeds. A diverged run (score NaN) ranks last (tied). Every ITM row is named from its Config.
+* Baselines: every method of ``baselines.py`` that applies, named by ``baselines.DISPLAY_NAMES``;
+  pool-relative ones (ETran, NCTI, SA) through their per-model parts + ``combine`` over the target's
+  pool. LEEP and NCE need source-model logits, which the features do not carry: "n/a". Scores are rounded
+  to 10 significant digits before ranking, so that round-off cannot order models a method scores equally
+  (H-score saturates at C − 1 when D ≳ N); ties are reported in the notes.
+* Static priors, which never look at the target features: parameter count (``models.json``), feature
+  dimension D (the features' shape), and each model's mean normalised fine-tuned rank on the other
+  targets (leave one target out; only targets with ground truth for that model count).
+* Bad input: a method that fails on a model (raises, or returns a non-finite score) gets "n/a (reason)"
+  for that model and is evaluated on the others, with a note; below ``--min-models`` models it is n/a.
+* Metrics: ``kendall.evaluate`` (τ_w as scipy.stats.weightedtau, Kendall τ-b, Spearman ρ, Rel@1); the
+  uncertainty of τ_w: a percentile 95 % bootstrap interval over the target's models (resampled with
+  replacement, ``--bootstrap`` 1000 resamples, seed ``--bootstrap-seed`` 0, the same resamples for every
+  method scored on the same models).
+* Stability: ``kendall.stability`` over every k-subset (k = 10) of each pool when there are at most
+  ``--max-subsets`` (400,000), else a seeded sample of ``--subset-sample`` subsets (seed 0).
+* Ablation (``--ablation``): one option varied at a time from the default Config — every ``preprocess``
+  choice, ``folds`` in ``--ablation-folds`` (1, 3, 5, 10), the presets "paper" and "authors"
+  (``itm.preset``), every other choice of the DESIGN.md §1a reading options — each with
+  ``--ablation-seeds`` (5) seeds: τ_w mean ± sd, τ_w of the seed-mean score, diverged runs, wall seconds
+  per seed. A run shared by two rows (same Config and seed) is computed once.
+* Seconds: wall time to score a target's pool once (ITM: per seed). They depend on the machine, its load
+  and ``--jobs``; every other number is deterministic given the seeds, whatever the executor.
 
 matplotlib is optional: without it the figures are skipped and everything else is produced.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing as mp
 import os
 import shlex
 import sys
@@ -53,59 +70,73 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import itm  # noqa: E402
 import kendall  # noqa: E402
+import report  # noqa: E402
 
-
-def _one_line(exc):
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-try:  # baselines.py may be mid-edit by someone else: record why, never crash
+try:  # the table reports why the baselines are missing instead of the harness failing
     import baselines
     BASELINES_ERROR = None
 except Exception as _err:  # noqa: BLE001
-    baselines, BASELINES_ERROR = None, f"{type(_err).__name__}: {_one_line(_err)}"
+    baselines, BASELINES_ERROR = None, f"{type(_err).__name__}: {itm.one_line(_err)}"
 
-SEEDS = (0, 1, 2, 3, 4)
+PROG = "bench/accuracy.py"
+SEEDS = 10                 # ITM seeds of the default row: 0 … SEEDS−1
 METRICS = ("tau_w", "tau", "rho", "rel1")
-METRIC_LABELS = {"tau_w": "τ_w", "tau": "Kendall τ", "rho": "Spearman ρ", "rel1": "Rel@1"}
-BASELINE_ORDER = ("logme", "nleep", "parc", "sfda", "etran", "ped", "sa",   # the paper's Table 1
+TABLE1 = ("logme", "nleep", "parc", "sfda", "etran", "ped", "sa")   # the paper's Table 1: shown even if missing
+BASELINE_ORDER = ("logme", "logme_published", "nleep", "parc", "sfda", "etran", "ped", "sa",
                   "hscore", "reg_hscore", "transrate", "gbc", "ncti", "leep", "nce")
 POOL_RELATIVE = ("etran", "ncti", "sa")
 NOT_APPLICABLE = {"leep": "needs source-model logits, not in the features",
                   "nce": "needs source-model logits, not in the features"}
-LABELS = {"itm": "ITM", "logme": "LogME", "nleep": "NLEEP", "parc": "PARC", "sfda": "SFDA",
-          "etran": "ETran", "ped": "PED", "sa": "SA (LDA)", "hscore": "H-score",
-          "reg_hscore": "Reg. H-score", "transrate": "TransRate", "gbc": "GBC", "ncti": "NCTI",
-          "leep": "LEEP", "nce": "NCE", "itm_seed0": "ITM (seed 0)",
-          "itm_mean": "ITM (mean score over seeds)"}
-ABLATION = (("default (theta, B, shift on, onehot)", {}),
-            ("normalize=features", {"normalize": "features"}),
-            ("normalize=none (literal)", {"normalize": "none"}),
-            ("c_scale=B2", {"c_scale": "B2"}),
-            ("shift=off", {"shift": False}),
-            ("centers=random", {"centers": "random"}),
-            ("centers=pca", {"centers": "pca"}),
-            ("centers=laplacian", {"centers": "laplacian"}))
-STABILITY_K = 10
-MAX_SUBSETS = 400_000
-SUBSET_SAMPLE = 2_000
-PLOT_POINTS = 20_000
+PRIORS = {"prior_params": "Prior: parameter count (larger first)",
+          "prior_dim": "Prior: feature dimension D (larger first)",
+          "prior_loo": "Prior: mean fine-tuned rank on the other targets (leave one target out)"}
+PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")  # if itm.Config lists no choices
+ABLATION_FOLDS = (1, 3, 5, 10)
+ABLATION_SEEDS = 5
+READING_FIELDS = ("normalize", "c_scale", "shift", "centers")        # DESIGN.md §1a
+PRESET_TAGS = {"paper": "paper", "authors": "authors' reading, DESIGN.md §1b"}
 SIG_DIGITS = 10       # baseline scores are rounded to this many significant digits before ranking
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How a run is evaluated (not what is scored)."""
+    min_models: int = 8           # a target (and a method on it) needs this many models with ground truth
+    bootstrap: int = 1000         # resamples of the models for the τ_w interval
+    bootstrap_seed: int = 0
+    stability_k: int = 10
+    max_subsets: int = 400_000    # C(21, 10) = 352,716 are enumerated
+    subset_sample: int = 2_000    # else this many sampled (seed 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """Which ITM variants the ablation scores."""
+    seeds: tuple = tuple(range(ABLATION_SEEDS))
+    folds: tuple = ABLATION_FOLDS
+    preprocess: tuple | None = None   # None: every choice itm.Config offers
+    readings: bool = True
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def label(method):
-    return LABELS.get(method, method)
+def _reason(err):
+    text = f"{type(err).__name__}: {itm.one_line(err)}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def label(key):
+    """The display name of a baseline or prior: baselines.DISPLAY_NAMES, else the method key."""
+    names = getattr(baselines, "DISPLAY_NAMES", None) or {}
+    return names.get(key) or PRIORS.get(key, key)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -121,23 +152,33 @@ class Target:
 
 
 def find_bench_dir(shared=None):
-    """te_bench/ under --shared (or <repo>/../shared); --shared may also name te_bench/ itself."""
+    """te_bench/ under --shared (default: the shared folder beside the checkout); --shared may also
+    name te_bench/ itself."""
     base = Path(shared) if shared else ROOT.parent / "shared"
     bench = base / "te_bench" if (base / "te_bench").is_dir() else base
     if not (bench / "features").is_dir():
-        raise FileNotFoundError(f"no te_bench/features under {base}")
+        raise FileNotFoundError(f"--shared: no te_bench/features folder under {base}")
     return bench
 
 
-def _finite(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def read_groundtruth(bench_dir):
+    """({target: {model: acc}} of every table in groundtruth.json, {target: details})."""
+    path = Path(bench_dir) / "groundtruth.json"
+    if not path.exists():
+        return {}, {}
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    tables = {}
+    for name, value in doc.items():
+        if name not in ("protocol", "details") and isinstance(value, dict) and value:
+            with contextlib.suppress(ValueError):      # a metadata entry, not a {model: acc} table
+                tables[name] = {m: v for m, v in itm.load_truth(path, name).items() if math.isfinite(v)}
+    details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+    return tables, details
 
 
 def _load_target(path, truth, details):
     name = path.stem
-    with np.load(path, allow_pickle=False) as z:
-        labels = z["labels"]
-        arrays = {k: z[k] for k in z.files if k != "labels"}
+    arrays, labels = itm.load_features(path)
     complete = details.get("complete") if isinstance(details, dict) else None
     notes = []
     if complete is False:
@@ -145,35 +186,44 @@ def _load_target(path, truth, details):
                      f"{details.get('models_total', '?')} models finished); only finished models count")
     elif complete is None:
         notes.append(f"{name}: completeness not recorded in groundtruth.json details")
-    kept, gt = {}, {}
-    for model, feats in arrays.items():
-        if _finite(truth.get(model)):
-            kept[model], gt[model] = feats, float(truth[model])
-        else:
-            notes.append(f"{name}: {model} has no ground truth yet, skipped")
+    kept = {m: f for m, f in arrays.items() if m in truth}
+    notes += [f"{name}: {m} has no ground truth yet, skipped" for m in arrays if m not in truth]
     notes += [f"{name}: {m} has ground truth but no features, skipped" for m in truth if m not in arrays]
-    return Target(name, kept, labels, gt, complete, notes)
+    return Target(name, kept, labels, {m: float(truth[m]) for m in kept}, complete, notes)
 
 
-def load_targets(bench_dir, only=None):
-    """([Target], {skipped target: reason}) for every features/*.npz, in name order."""
-    gt_path = Path(bench_dir) / "groundtruth.json"
-    gt = json.loads(gt_path.read_text()) if gt_path.exists() else {}
-    details = gt.get("details", {}) if isinstance(gt.get("details"), dict) else {}
+def load_targets(bench_dir, only=None, min_models=Settings.min_models):
+    """([Target], {skipped target: reason}, every ground-truth table) for features/*.npz, in name order."""
+    tables, details = read_groundtruth(bench_dir)
     targets, skipped = [], {}
     for path in sorted((Path(bench_dir) / "features").glob("*.npz")):
         if only and path.stem not in only:
             continue
-        truth = gt.get(path.stem)
-        if path.stem in ("protocol", "details") or not isinstance(truth, dict) or not truth:
+        if not tables.get(path.stem):
             skipped[path.stem] = "no ground truth in groundtruth.json yet"
             continue
-        target = _load_target(path, truth, details.get(path.stem, {}))
-        if len(target.truth) < 2:
-            skipped[path.stem] = f"only {len(target.truth)} model(s) with ground truth (need 2)"
+        target = _load_target(path, tables[path.stem], details.get(path.stem, {}))
+        if len(target.truth) < min_models:
+            skipped[path.stem] = (f"only {len(target.truth)} model(s) with ground truth and features "
+                                  f"(a target needs {min_models})")
             continue
         targets.append(target)
-    return targets, skipped
+    return targets, skipped, tables
+
+
+def load_model_facts(path):
+    """({model: facts}, None) from models.json, or (None, why not) when the file is absent."""
+    path = Path(path)
+    if not path.exists():
+        return None, f"no model facts file ({path.name})"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--models-json: cannot read {path}: {itm.one_line(err)}") from None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict):
+        raise ValueError(f"--models-json: {path} has no \"models\" object {{model: {{\"params\": ...}}}}")
+    return models, None
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -190,12 +240,33 @@ def rankable(scores):
 def rank_metrics(scores, truth):
     """{metric: value} of {model: score} against truth via kendall.evaluate (NaN if not computable)."""
     ranked = rankable(scores)
-    if ranked is None:
+    if ranked is None or len(ranked) < 2:
         return {k: math.nan for k in METRICS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         table = kendall.evaluate({"t": ranked}, {"t": {m: truth[m] for m in ranked}}, metrics=METRICS)
     return {k: float(table[k]["t"]) for k in METRICS}
+
+
+def bootstrap_tau_w(score_sets, truth, resamples, seed):
+    """Percentile 95 % interval of the mean over score_sets of τ_w, the models resampled with replacement.
+
+    score_sets: [{model: score}] on the same models (ITM: one per seed). The resamples depend only on
+    (seed, number of models), so every method scored on the same models sees the same ones. A resample
+    whose τ_w is undefined (all scores or all accuracies equal) is left out. Returns [lo, hi] or None.
+    """
+    sets = [rankable(s) for s in score_sets]
+    if not sets or any(s is None for s in sets) or len(sets[0]) < 2:
+        return None
+    models = list(sets[0])
+    S = np.array([[s[m] for m in models] for s in sets])
+    g = np.array([truth[m] for m in models])
+    idx = np.random.default_rng(seed).integers(0, len(models), (resamples, len(models)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = np.array([np.mean([kendall.weighted_tau(row[i], g[i]) for row in S]) for i in idx])
+    stats = stats[np.isfinite(stats)]
+    return [float(v) for v in np.percentile(stats, [2.5, 97.5])] if stats.size else None
 
 
 def _mean_std(values):
@@ -205,92 +276,210 @@ def _mean_std(values):
     return float(np.nanmean(v)), float(np.nanstd(v))
 
 
+def _method_result(scores, errors, truth, settings, seconds=None, notes=()):
+    """The record of one baseline or prior on one target: scores (None where it failed), errors per
+    model, τ_w etc. on the models it scored, their bootstrap interval; n/a below min_models."""
+    ok = {m: scores[m] for m in truth if m in scores and m not in errors}
+    out = {"scores": {m: ok.get(m) for m in truth}, "errors": dict(errors), "seconds": seconds,
+           "notes": list(notes), "scored": len(ok), "error": None, "metrics": None, "interval": None}
+    if len(ok) < settings.min_models:
+        first = next(iter(errors.items()), None)
+        out["error"] = (f"{len(ok)} of {len(truth)} models scored, need {settings.min_models}" +
+                        (f"; {first[0]}: {first[1]}" if first else ""))
+        return out
+    if errors:
+        out["notes"].append(f"τ_w etc. on the {len(ok)} of {len(truth)} models it scored; n/a for " +
+                            "; ".join(f"{m} ({why})" for m, why in errors.items()))
+    out["metrics"] = rank_metrics(ok, truth)
+    out["interval"] = bootstrap_tau_w([ok], truth, settings.bootstrap, settings.bootstrap_seed)
+    return out
+
+
+def _na(reason):
+    return {"scores": None, "errors": {}, "seconds": None, "notes": [], "scored": 0, "error": reason,
+            "metrics": None, "interval": None}
+
+
+# ----------------------------------------------------------------------------------------- executors
+
+def score_pool(tasks, executor=None, progress=None):
+    """[fn(*args) for fn, args in tasks], in task order: in this process, or through executor.submit
+    (any concurrent.futures.Executor). Each task depends only on its arguments, so the results are the
+    same either way. progress(i, total, result) after each, in task order."""
+    if executor is None:
+        futures = None
+    else:
+        futures = [executor.submit(fn, *args) for fn, args in tasks]
+    out = []
+    for i, (fn, args) in enumerate(tasks):
+        out.append(fn(*args) if futures is None else futures[i].result())
+        if progress is not None:
+            progress(i + 1, len(tasks), out[-1])
+    return out
+
+
+_BLAS_LIMIT = []  # keeps a worker's threadpool limit alive
+
+
+def _limit_blas(threads):
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_limits
+        _BLAS_LIMIT.append(threadpool_limits(limits=threads, user_api="blas"))
+
+
+@contextlib.contextmanager
+def make_executor(jobs=1, scheduler=None):
+    """None (score in this process), a pool of `jobs` processes (BLAS threads divided among them), or the
+    Dask-backed executor of itm.make_executor(scheduler=ADDRESS)."""
+    if scheduler:
+        with itm.make_executor(scheduler=scheduler) as executor:
+            yield executor
+        return
+    if jobs <= 1:
+        yield None
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_limit_blas, initargs=(threads,)) as ex:
+        yield ex
+
+
 # ----------------------------------------------------------------------------------------------- ITM
 
-def _itm_progress(target, seed):
-    def progress(i, total, name, result):
-        state = "diverged" if result.diverged else f"{result.score:.2f}"
-        log(f"  [{target}] ITM seed {seed}: {i}/{total} {name} {state} ({result.seconds:.1f} s)")
-    return progress
+def itm_protocol(cfg):
+    """How a Config splits and preprocesses, in words, e.g. "5-fold cross-fit, rms"."""
+    folds = getattr(cfg, "folds", 1)
+    split = "single 4/5 : 1/5 split" if folds == 1 else f"{folds}-fold cross-fit"
+    return f"{split}, {getattr(cfg, 'preprocess', 'none')}"
 
 
-def itm_runs(target, seeds, jobs=1, options=None, quiet=False):
-    """One itm.rank per seed: [{seed, scores, diverged, seconds, trajectories (first seed only)}]."""
-    runs = []
-    for i, seed in enumerate(seeds):
-        start = time.perf_counter()
+def variant_name(cfg, tag=None):
+    """The row name of an ITM Config: its protocol and every option that differs from itm.Config(),
+    e.g. "ITM (default: 5-fold cross-fit, rms)" or "ITM (3-fold cross-fit, rms; c_scale=B2)"."""
+    ref = itm.Config()
+    diffs = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.name not in ("seed", "folds", "preprocess") and getattr(cfg, f.name) != getattr(ref, f.name)]
+    inner = itm_protocol(cfg) + ("; " + ", ".join(diffs) if diffs else "")
+    return f"ITM ({tag}: {inner})" if tag else f"ITM ({inner})"
+
+
+def _itm_task(cfg, feats, labels):
+    """One ITM run (a worker's task): a plain dict; a failure is its reason, never an exception."""
+    start = time.perf_counter()
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # diverged runs are counted instead
-            ranked = dict(itm.rank(target.features, target.labels, jobs=jobs, seed=seed,
-                                   progress=None if quiet else _itm_progress(target.name, seed),
-                                   **(options or {})))
-        run = {"seed": seed, "seconds": time.perf_counter() - start,
-               "scores": {m: float(ranked[m].score) for m in target.features},
-               "diverged": [m for m in target.features if ranked[m].diverged]}
-        if i == 0:
-            run["trajectories"] = {m: [[int(it), float(acc)] for it, acc in ranked[m].trajectory]
-                                   for m in target.features}
-        runs.append(run)
-    return runs
+            r = itm.itm_score(feats, labels, cfg)
+    except Exception as err:  # noqa: BLE001 - that model is n/a, the others still count
+        return {"error": _reason(err), "seconds": time.perf_counter() - start}
+    return {"error": None, "score": float(r.score), "diverged": bool(r.diverged), "seconds": r.seconds,
+            "trajectory": [[int(it), float(acc)] for it, acc in r.trajectory]}
 
 
-def summarize_itm(runs, truth):
-    """Per-seed metrics, their mean ± std, and the metrics of the per-model mean score."""
+def itm_runs(target, cfg, seeds, executor=None, cache=None, quiet=False):
+    """One run of the pool per seed: [{"seed", "seconds" (wall per seed), "results": {model: task}}].
+    cache: {(target, Config with seed): run}, so a (Config, seed) two rows share is run once."""
+    cache = {} if cache is None else cache
+    todo = [s for s in seeds if (target.name, dataclasses.replace(cfg, seed=s)) not in cache]
+    if todo:
+        models = list(target.features)
+        tasks = [(_itm_task, (dataclasses.replace(cfg, seed=s), target.features[m], target.labels))
+                 for s in todo for m in models]
+
+        def progress(i, total, out):
+            state = out["error"] or ("diverged" if out["diverged"] else f"{out['score']:.2f}")
+            log(f"  [{target.name}] ITM [{i}/{total}] seed {todo[(i - 1) // len(models)]} "
+                f"{models[(i - 1) % len(models)]}: {state} ({out['seconds']:.1f} s)")
+        start = time.perf_counter()
+        outs = score_pool(tasks, executor, None if quiet else progress)
+        per_seed = (time.perf_counter() - start) / len(todo)
+        for j, s in enumerate(todo):
+            cache[(target.name, dataclasses.replace(cfg, seed=s))] = {
+                "seed": s, "seconds": per_seed,
+                "results": dict(zip(models, outs[j * len(models):(j + 1) * len(models)]))}
+    return [cache[(target.name, dataclasses.replace(cfg, seed=s))] for s in seeds]
+
+
+def _run_record(run, ok):
+    res = run["results"]
+    return {"seed": run["seed"], "seconds": run["seconds"], "scores": {m: res[m]["score"] for m in ok},
+            "diverged": [m for m in ok if res[m]["diverged"]]}
+
+
+def summarize_itm(runs, truth, settings, trajectories=False):
+    """Per-seed metrics, their mean ± sd, the metrics of the per-model mean score, bootstrap intervals."""
+    errors = {}
     for run in runs:
-        run["metrics"] = rank_metrics(run["scores"], truth)
-    models = list(truth)
+        errors.update({m: r["error"] for m, r in run["results"].items() if r["error"] and m not in errors})
+    ok = [m for m in truth if m not in errors]
+    if len(ok) < settings.min_models:
+        first = next(iter(errors.items()), ("", ""))
+        return {"error": f"{len(ok)} of {len(truth)} models scored, need {settings.min_models}; "
+                         f"{first[0]}: {first[1]}", "errors": errors}
+    records = [_run_record(run, ok) for run in runs]
+    for rec in records:
+        rec["metrics"] = rank_metrics(rec["scores"], truth)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
-        mean_score = {m: float(np.nanmean([r["scores"][m] for r in runs])) for m in models}
-    return {"runs": runs,
-            "metrics": {k: dict(zip(("mean", "std"), _mean_std([r["metrics"][k] for r in runs])))
-                        for k in METRICS},
-            "mean_score": mean_score,
-            "mean_score_metrics": rank_metrics(mean_score, truth),
-            "seconds": float(np.mean([r["seconds"] for r in runs])),
-            "seconds_total": float(sum(r["seconds"] for r in runs)),
-            "diverged": sum(len(r["diverged"]) for r in runs),
-            "runs_total": len(runs) * len(models),
-            "error": None}
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN models stay NaN
+        mean_score = {m: float(np.nanmean([r["scores"][m] for r in records])) for m in ok}
+    boot = (settings.bootstrap, settings.bootstrap_seed)
+    out = {"error": None, "errors": errors, "scored": len(ok), "runs": records, "mean_score": mean_score,
+           "metrics": {k: dict(zip(("mean", "std"), _mean_std([r["metrics"][k] for r in records])))
+                       for k in METRICS},
+           "mean_score_metrics": rank_metrics(mean_score, truth),
+           "interval": bootstrap_tau_w([r["scores"] for r in records], truth, *boot),
+           "mean_score_interval": bootstrap_tau_w([mean_score], truth, *boot),
+           "seconds": float(np.mean([r["seconds"] for r in records])),
+           "diverged": sum(len(r["diverged"]) for r in records), "runs_total": len(records) * len(ok)}
+    if trajectories:
+        out["trajectories"] = {m: runs[0]["results"][m]["trajectory"] for m in ok}
+    return out
 
 
-def run_itm(target, seeds, jobs=1, options=None, quiet=False):
+def run_itm(target, cfg, seeds, settings, executor=None, cache=None, quiet=False, trajectories=False):
     try:
-        return summarize_itm(itm_runs(target, seeds, jobs, options, quiet), target.truth)
+        runs = itm_runs(target, cfg, seeds, executor, cache, quiet)
     except Exception as err:  # noqa: BLE001 - reported as n/a, the other methods still run
-        return {"error": f"{type(err).__name__}: {_one_line(err)}"}
+        return {"error": _reason(err), "errors": {}}
+    return summarize_itm(runs, target.truth, settings, trajectories)
 
 
 # ------------------------------------------------------------------------------------------ baselines
 
 def baseline_names():
-    """The methods of the table: the paper's Table 1 first, then every other one of baselines.py."""
-    names = list(BASELINE_ORDER)
-    extra = getattr(baselines, "METHODS", {}) if baselines is not None else {}
-    return names + [m for m in extra if m not in names]
+    """The methods of the table: the paper's Table 1 (shown even if missing), the others of baselines.py."""
+    available = list(getattr(baselines, "METHODS", {}) or {})
+    names = [m for m in BASELINE_ORDER if m in available or m in TABLE1 or m in NOT_APPLICABLE]
+    return names + [m for m in available if m not in names]
 
 
-def _scorer(name):
-    """pool, labels -> {model: score}; None if baselines.py lacks the method."""
-    if name in POOL_RELATIVE and hasattr(baselines, f"{name}_parts") and hasattr(baselines, "combine"):
-        parts = getattr(baselines, f"{name}_parts")
-        return lambda pool, y: baselines.combine(name, {m: _per_model(m, parts, f, y)
-                                                        for m, f in pool.items()})
-    fn = getattr(baselines, name, None)
-    if not callable(fn):
+def baseline_fn(name):
+    """The per-model function of a method (for a pool-relative one: its parts); None if absent."""
+    if baselines is None:
         return None
-    return lambda pool, y: {m: float(_per_model(m, fn, f, y)) for m, f in pool.items()}
+    if name in POOL_RELATIVE:
+        pool = getattr(baselines, "POOL_METHODS", {}) or {}
+        fn = pool.get(name) or getattr(baselines, f"{name}_parts", None)
+        return fn if callable(fn) and hasattr(baselines, "combine") else None
+    fn = (getattr(baselines, "METHODS", {}) or {}).get(name) or getattr(baselines, name, None)
+    return fn if callable(fn) else None
 
 
-class _ModelError(Exception):
-    pass
-
-
-def _per_model(model, fn, feats, y):
-    try:
-        return fn(feats, y)
-    except Exception as err:  # noqa: BLE001
-        raise _ModelError(f"{model}: {type(err).__name__}: {_one_line(err)}") from err
+def _baseline_task(name, feats, labels):
+    """One method on one model (a worker's task): {"value", "warnings", "seconds", "error"}."""
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = baseline_fn(name)(feats, labels)
+            error = None
+            if name not in POOL_RELATIVE:
+                value = float(value)
+                error = None if math.isfinite(value) else f"non-finite score {value}"
+        except Exception as err:  # noqa: BLE001 - that model is n/a, the others still count
+            value, error = None, _reason(err)
+    return {"value": value, "error": error, "seconds": time.perf_counter() - start,
+            "warnings": list(dict.fromkeys(itm.one_line(w.message) for w in caught))}
 
 
 def _tie_notes(scores):
@@ -299,34 +488,77 @@ def _tie_notes(scores):
     return [f"{c} models tie at score {v:.{SIG_DIGITS}g}" for v, c in zip(values, counts) if c > 1]
 
 
-def _na(reason):
-    return {"scores": None, "seconds": None, "error": reason, "notes": [], "metrics": None}
-
-
-def run_baseline(name, target):
-    """{"scores", "seconds", "error", "notes", "metrics"} of one method on one target's pool."""
+def run_baseline(name, target, settings=Settings(), executor=None):
+    """The record of one method on one target's pool (see _method_result)."""
     if name in NOT_APPLICABLE:
         return _na(NOT_APPLICABLE[name])
     if baselines is None:
         return _na(f"baselines.py not importable: {BASELINES_ERROR}")
-    scorer = _scorer(name)
-    if scorer is None:
+    if baseline_fn(name) is None:
         return _na("not in baselines.py")
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    outs = dict(zip(target.features, score_pool(
+        [(_baseline_task, (name, f, target.labels)) for f in target.features.values()], executor)))
+    errors = {m: o["error"] for m, o in outs.items() if o["error"]}
+    values = {m: o["value"] for m, o in outs.items() if not o["error"]}
+    if name in POOL_RELATIVE and values:
         try:
-            scores = scorer(target.features, target.labels)
+            values = baselines.combine(name, values)
         except Exception as err:  # noqa: BLE001
-            return _na(str(err) if isinstance(err, _ModelError) else f"{type(err).__name__}: {_one_line(err)}")
+            return _na(f"combine: {_reason(err)}")
+        errors.update({m: f"non-finite score {v}" for m, v in values.items() if not math.isfinite(v)})
     seconds = time.perf_counter() - start
-    bad = [m for m, v in scores.items() if not math.isfinite(v)]
-    if bad:
-        return _na(f"non-finite score for {bad[0]}")
-    scores = {m: float(f"{v:.{SIG_DIGITS}g}") for m, v in scores.items()}
-    notes = list(dict.fromkeys(_one_line(w.message) for w in caught))[:3] + _tie_notes(scores)
-    return {"scores": scores, "seconds": seconds, "error": None, "notes": notes,
-            "metrics": rank_metrics(scores, target.truth)}
+    scores = {m: float(f"{v:.{SIG_DIGITS}g}") for m, v in values.items() if m not in errors}
+    notes = list(dict.fromkeys(w for o in outs.values() for w in o["warnings"]))[:3] + _tie_notes(scores)
+    return _method_result(scores, errors, target.truth, settings, seconds, notes)
+
+
+# -------------------------------------------------------------------------------------- static priors
+
+def _normalised_ranks(table):
+    """{model: 0 (best fine-tuned accuracy) … 1 (worst)}, ties at their mean rank."""
+    values = list(table.values())
+    span = max(1, len(values) - 1)
+    return {m: (sum(u > v for u in values) + (sum(u == v for u in values) - 1) / 2) / span
+            for m, v in table.items()}
+
+
+def _loo_prior(target, tables):
+    others = {t: _normalised_ranks(tab) for t, tab in tables.items() if t != target.name and len(tab) >= 2}
+    if not others:
+        return {}, {m: "no other target has ground truth" for m in target.truth}
+    scores, errors = {}, {}
+    for m in target.truth:
+        ranks = [r[m] for r in others.values() if m in r]
+        if ranks:
+            scores[m] = 1.0 - float(np.mean(ranks))      # higher = better, as every score here
+        else:
+            errors[m] = "no ground truth on another target"
+    return scores, errors
+
+
+def prior_scores(kind, target, facts, tables, facts_note=None):
+    """({model: score}, {model: why not}) of one static prior; never reads the feature values."""
+    if kind == "prior_dim":
+        return {m: float(f.shape[-1]) for m, f in target.features.items()}, {}
+    if kind == "prior_loo":
+        return _loo_prior(target, tables)
+    if facts is None:
+        return {}, {m: facts_note or "no model facts" for m in target.truth}
+    scores, errors = {}, {}
+    for m in target.truth:
+        params = (facts.get(m) or {}).get("params")
+        if isinstance(params, (int, float)) and not isinstance(params, bool) and math.isfinite(params):
+            scores[m] = float(params)
+        else:
+            errors[m] = "no parameter count in models.json"
+    return scores, errors
+
+
+def run_prior(kind, target, facts, tables, settings=Settings(), facts_note=None):
+    scores, errors = prior_scores(kind, target, facts, tables, facts_note)
+    ok = {m: v for m, v in scores.items() if m not in errors}
+    return _method_result(scores, errors, target.truth, settings, notes=_tie_notes(ok) if ok else [])
 
 
 # ------------------------------------------------------------------------------------------ stability
@@ -350,35 +582,36 @@ def _sampled_taus(scores_by_method, truth, k, n, seed):
 
 
 def stability_scores(target_result):
-    """{method key: {model: score}} for the stability study (ITM seed 0, ITM 5-seed mean, baselines)."""
+    """{method key: {model: score}} for the stability study: ITM (first seed, seed-mean score) and every
+    method that scored every model of the pool."""
     out = {}
     itm_res = target_result["methods"]["itm"]
-    if not itm_res.get("error"):
+    full = set(target_result["truth"])
+    if not itm_res.get("error") and not itm_res["errors"]:
         for key, scores in (("itm_seed0", itm_res["runs"][0]["scores"]), ("itm_mean", itm_res["mean_score"])):
             if rankable(scores) is not None:
                 out[key] = rankable(scores)
     for name, res in target_result["methods"].items():
-        if name != "itm" and not res["error"]:
+        if name != "itm" and not res["error"] and not res["errors"] and set(res["scores"]) == full:
             out[name] = res["scores"]
     return out
 
 
-def run_stability(scores_by_method, truth, k=STABILITY_K, max_subsets=MAX_SUBSETS,
-                  sample=SUBSET_SAMPLE, seed=0):
+def run_stability(scores_by_method, truth, settings=Settings(), seed=0):
     """(summary for the JSON, {method: τ_w per subset}) over the k-subsets of the pool."""
     M = len(truth)
-    k = min(k, M - 1)
+    k = min(settings.stability_k, M - 1)
     if k < 2 or len(scores_by_method) < 2:
         return {"skipped": f"pool of {M} models / {len(scores_by_method)} methods is too small"}, {}
     total = math.comb(M, k)
-    sampled = total > max_subsets and sample < total
+    sampled = total > settings.max_subsets and settings.subset_sample < total
     if sampled:
-        tau = _sampled_taus(scores_by_method, truth, k, sample, seed)
+        tau = _sampled_taus(scores_by_method, truth, k, settings.subset_sample, seed)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tau = kendall.stability(scores_by_method, truth, k=k, max_subsets=total)["tau"]
-    summary = {"k": k, "pool": M, "subsets": sample if sampled else total, "of": total,
+    summary = {"k": k, "pool": M, "subsets": settings.subset_sample if sampled else total, "of": total,
                "sampled": sampled, "sample_seed": seed if sampled else None,
                "mean": {}, "std": {}, "itm_beats": {}}
     for method, t in tau.items():
@@ -392,44 +625,94 @@ def run_stability(scores_by_method, truth, k=STABILITY_K, max_subsets=MAX_SUBSET
 
 # ------------------------------------------------------------------------------------------- ablation
 
-def run_ablation(target, seeds, jobs, options, default_itm, quiet=False):
-    """{variant: τ_w mean ± std, τ_w of the mean score, diverged runs, seconds} for SPEC §1a's readings."""
-    rows = {}
-    for name, overrides in ABLATION:
-        if not quiet:
-            log(f"[{target.name}] ablation: {name}")
-        res = default_itm if not overrides else run_itm(target, seeds, jobs, {**(options or {}), **overrides},
-                                                        quiet=True)
-        if res.get("error"):
-            rows[name] = {"error": res["error"], "overrides": overrides}
+def _choices(name, fallback=()):
+    for f in dataclasses.fields(itm.Config):
+        if f.name == name:
+            return tuple(f.metadata.get("choices") or fallback)
+    return tuple(fallback)
+
+
+def ablation_variants(base, spec, options=None):
+    """[(key, group, tag, Config or why not)]: the default, then one option varied at a time."""
+    rows = [("default", "default", "default", base)]
+    for p in spec.preprocess or _choices("preprocess", PREPROCESS):
+        rows.append((f"preprocess={p}", "preprocess", None, lambda p=p: dataclasses.replace(base, preprocess=p)))
+    for k in spec.folds:
+        rows.append((f"folds={k}", "folds", None, lambda k=k: dataclasses.replace(base, folds=k)))
+    for name, tag in PRESET_TAGS.items():
+        rows.append((f"preset={name}", "preset", tag, lambda name=name: itm.preset(name, **(options or {}))))
+    if spec.readings:
+        for field in READING_FIELDS:
+            default = getattr(base, field)
+            values = [not default] if isinstance(default, bool) else _choices(field)
+            rows += [(f"{field}={v}", "DESIGN.md §1a reading", None,
+                      lambda field=field, v=v: dataclasses.replace(base, **{field: v}))
+                     for v in values if v != default]
+    out = []
+    for key, group, tag, make in rows:
+        try:
+            cfg = make() if callable(make) else make
+        except (TypeError, ValueError, AttributeError) as err:   # an option this itm.py does not have
+            cfg = _reason(err)
+        out.append((key, group, tag, cfg))
+    return out
+
+
+def _ablation_row(res, cfg, seeds):
+    if res.get("error"):
+        return {"error": res["error"]}
+    return {"error": None, "tau_w_mean": res["metrics"]["tau_w"]["mean"],
+            "tau_w_std": res["metrics"]["tau_w"]["std"],
+            "tau_w_per_seed": [r["metrics"]["tau_w"] for r in res["runs"]],
+            "tau_w_of_mean_score": res["mean_score_metrics"]["tau_w"],
+            "interval_of_mean_score": res["mean_score_interval"], "diverged": res["diverged"],
+            "runs": res["runs_total"], "failed": res["errors"], "seconds_per_seed": res["seconds"],
+            "seeds": list(seeds)}
+
+
+def run_ablation(target, base, spec, settings, options=None, executor=None, cache=None, quiet=False):
+    """{key: row} over ablation_variants; a Config equal to an earlier row's is {"same_as": that key}."""
+    rows, seen = {}, {}
+    for key, group, tag, cfg in ablation_variants(base, spec, options):
+        if isinstance(cfg, str):
+            rows[key] = {"group": group, "name": key, "error": cfg}
             continue
-        rows[name] = {"overrides": overrides, "tau_w_mean": res["metrics"]["tau_w"]["mean"],
-                      "tau_w_std": res["metrics"]["tau_w"]["std"],
-                      "tau_w_per_seed": [r["metrics"]["tau_w"] for r in res["runs"]],
-                      "tau_w_of_mean_score": res["mean_score_metrics"]["tau_w"],
-                      "diverged": res["diverged"], "runs": res["runs_total"],
-                      "seconds_total": res["seconds_total"], "error": None}
+        if cfg in seen:
+            rows[key] = {"group": group, "same_as": seen[cfg]}
+            continue
+        seen[cfg] = key
+        if not quiet:
+            log(f"[{target.name}] ablation: {key} ({variant_name(cfg, tag)})")
+        res = run_itm(target, cfg, spec.seeds, settings, executor, cache, quiet=True)
+        changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                   if f.name != "seed" and getattr(cfg, f.name) != getattr(base, f.name)}
+        rows[key] = {"group": group, "name": variant_name(cfg, tag), "changed": changed,
+                     **_ablation_row(res, cfg, spec.seeds)}
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ run
 
-def score_target(target, seeds, jobs, methods, itm_options, quiet=False):
+def score_target(target, base, seeds, methods, priors, settings, executor=None, cache=None, quiet=False):
+    """Every method on one target. priors: {kind: (model facts, ground-truth tables, why no facts)}."""
     log(f"[{target.name}] {len(target.truth)} models, N={len(target.labels)}: ITM, {len(seeds)} seeds")
     out = {"models": list(target.truth), "n": int(len(target.labels)),
            "classes": int(len(np.unique(target.labels))), "complete": target.complete,
            "notes": list(target.notes), "truth": target.truth,
-           "methods": {"itm": run_itm(target, seeds, jobs, itm_options, quiet)}}
+           "methods": {"itm": run_itm(target, base, seeds, settings, executor, cache, quiet, trajectories=True)}}
     for name in methods:
-        res = run_baseline(name, target)
+        res = run_baseline(name, target, settings, executor)
         state = f"n/a ({res['error']})" if res["error"] else f"τ_w {res['metrics']['tau_w']:.3f}"
         log(f"[{target.name}] {label(name)}: {state}" + (f" ({res['seconds']:.1f} s)" if res["seconds"] else ""))
         out["methods"][name] = res
+    for kind in priors:
+        facts, tables, facts_note = priors[kind]
+        out["methods"][kind] = run_prior(kind, target, facts, tables, settings, facts_note)
     return out
 
 
 def summarize(results):
-    """Mean over targets, per method (ITM: per seed, then mean ± std over the seeds)."""
+    """Mean τ_w over targets, per method (ITM: per seed, then mean ± sd over the seeds)."""
     targets = list(results["targets"].values())
     summary = {}
     itms = [t["methods"]["itm"] for t in targets]
@@ -437,473 +720,195 @@ def summarize(results):
         per_seed = np.mean([[run["metrics"]["tau_w"] for run in r["runs"]] for r in itms], axis=0)
         summary["itm"] = dict(zip(("mean", "std"), _mean_std(per_seed)))
         summary["itm"]["mean_score"] = float(np.mean([r["mean_score_metrics"]["tau_w"] for r in itms]))
-    for name in results["methods"]:
+    for name in results["methods"] + results["priors"]:
         vals = [t["methods"][name] for t in targets]
         if targets and not any(v["error"] for v in vals):
             summary[name] = {"mean": float(np.mean([v["metrics"]["tau_w"] for v in vals]))}
     return summary
 
 
-def run(bench_dir, seeds=SEEDS, jobs=1, methods=None, targets=None, itm_options=None, ablation=False,
-        stability_k=STABILITY_K, max_subsets=MAX_SUBSETS, subset_sample=SUBSET_SAMPLE, quiet=False):
-    """Everything but files: (results as JSON-able dict, {target: {method: τ_w per subset}})."""
+def _labels(base, seeds, methods, priors):
+    name = variant_name(base, "default")
+    out = {"itm": name, "itm_seed0": f"{name}, seed {seeds[0]}",
+           "itm_mean": f"{name}, mean score over {len(seeds)} seeds"}
+    return {**out, **{m: label(m) for m in list(methods) + list(priors)}}
+
+
+def run(bench_dir, seeds=tuple(range(SEEDS)), methods=None, targets=None, itm_options=None, ablation=None,
+        settings=Settings(), executor=None, models_json=None, priors=tuple(PRIORS), quiet=False):
+    """Everything but files: (results as JSON-able dict, {target: {method: τ_w per subset}}).
+    ablation: an Ablation, or None for none."""
     start = time.perf_counter()
     methods = list(methods) if methods is not None else baseline_names()
-    loaded, skipped = load_targets(bench_dir, targets)
-    results = {"seeds": list(seeds), "jobs": jobs, "itm_options": dict(itm_options or {}),
-               "methods": methods, "skipped_targets": skipped, "targets": {}, "stability": {},
-               "ablation": {} if ablation else None}
-    arrays = {}
+    loaded, skipped, tables = load_targets(bench_dir, targets, settings.min_models)
+    facts, facts_note = load_model_facts(models_json or Path(bench_dir) / "models.json")
+    base = itm.Config(**(itm_options or {}))
+    results = {"seeds": list(seeds), "itm_options": dict(itm_options or {}),
+               "itm_config": dataclasses.asdict(base), "methods": methods, "priors": list(priors),
+               "labels": _labels(base, seeds, methods, priors), "metric_keys": list(METRICS),
+               "settings": dataclasses.asdict(settings), "sig_digits": SIG_DIGITS,
+               "skipped_targets": skipped, "targets": {}, "stability": {},
+               "ablation": {} if ablation else None,
+               "ablation_spec": dataclasses.asdict(ablation) if ablation else None}
+    arrays, cache = {}, {}
+    prior_inputs = {k: (facts, tables, facts_note) for k in priors}
     for target in loaded:
-        res = score_target(target, seeds, jobs, methods, itm_options, quiet)
+        res = score_target(target, base, seeds, methods, prior_inputs, settings, executor, cache, quiet)
         results["targets"][target.name] = res
         log(f"[{target.name}] stability")
         results["stability"][target.name], arrays[target.name] = run_stability(
-            stability_scores(res), target.truth, stability_k, max_subsets, subset_sample)
+            stability_scores(res), target.truth, settings)
         if ablation:
-            results["ablation"][target.name] = run_ablation(target, seeds, jobs, itm_options,
-                                                            res["methods"]["itm"], quiet)
+            results["ablation"][target.name] = run_ablation(target, base, ablation, settings, itm_options,
+                                                            executor, cache, quiet)
     results["summary"] = summarize(results)
     results["wall_seconds"] = time.perf_counter() - start
     return results, arrays
 
 
-# ------------------------------------------------------------------------------------------- figures
-
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
-def plot_stability(name, summary, tau, outdir, points=PLOT_POINTS):
-    """Fig. 3: ITM (seed 0) τ_w vs each baseline's τ_w per subset, y = x line; path or None."""
-    plt = _pyplot()
-    others = [m for m in tau if not m.startswith("itm")]
-    if plt is None or "itm_seed0" not in tau or not others:
-        return None
-    n = len(tau["itm_seed0"])
-    idx = np.sort(np.random.default_rng(0).choice(n, min(n, points), replace=False))
-    cols = min(4, len(others))
-    rows = -(-len(others) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    shown = np.concatenate([tau[m][idx] for m in others + ["itm_seed0"]])
-    lo = max(-1.0, min(0.0, math.floor(4 * np.nanmin(shown)) / 4)) if np.isfinite(shown).any() else -1.0
-    for ax, m in zip(axes.flat, others):
-        ax.scatter(tau[m][idx], tau["itm_seed0"][idx], s=2, alpha=0.25, rasterized=True)
-        ax.plot([-1, 1], [-1, 1], "k--", lw=0.8)
-        ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel=f"{label(m)} τ_w", ylabel="ITM τ_w")
-        ax.set_title(f"ITM > {label(m)}: {100 * summary['itm_beats']['itm_seed0'][m]:.0f}%", fontsize=9)
-    for ax in list(axes.flat)[len(others):]:
-        ax.axis("off")
-    fig.suptitle(f"{name}: τ_w on {summary['subsets']:,} subsets of {summary['k']} models (ITM seed 0)")
-    fig.tight_layout()
-    path = Path(outdir) / f"stability_{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_trajectories(name, target_result, outdir):
-    """ITM scoring accuracy vs iteration per model (seed 0), coloured by fine-tuned accuracy."""
-    plt = _pyplot()
-    itm_res = target_result["methods"]["itm"]
-    if plt is None or itm_res.get("error"):
-        return None
-    truth = target_result["truth"]
-    order = sorted(truth, key=truth.get, reverse=True)
-    cmap = plt.get_cmap("viridis")
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, m in enumerate(order):
-        traj = np.array(itm_res["runs"][0]["trajectories"][m]).reshape(-1, 2)
-        colour = cmap(0.9 * (1 - i / max(1, len(order) - 1)))
-        ax.plot(traj[:, 0], traj[:, 1], marker="o", ms=3, color=colour, label=f"{m} ({truth[m]:.3f})")
-    ax.set(xlabel="iteration", ylabel="ITM scoring accuracy (%)",
-           title=f"{name}: ITM trajectories, seed 0 (legend: fine-tuned accuracy, best first)")
-    ax.legend(fontsize=6, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = Path(outdir) / f"trajectories_{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def make_figures(results, arrays, outdir, link_root=ROOT):
-    """{target: {kind: path relative to link_root}} of the PNGs written to outdir."""
-    figs = {}
-    if _pyplot() is None:
-        results["figures_note"] = "matplotlib not installed: figures skipped"
-        return figs
-    for name, res in results["targets"].items():
-        stab = results["stability"][name]
-        entry = {"stability": plot_stability(name, stab, arrays.get(name, {}), outdir)
-                 if "skipped" not in stab else None,
-                 "trajectories": plot_trajectories(name, res, outdir)}
-        figs[name] = {k: _link(v, link_root) for k, v in entry.items() if v is not None}
-    return figs
-
-
-# ------------------------------------------------------------------------------------------ markdown
-
-def fmt(v, digits=3):
-    return "nan" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def fmt_pm(mean, std, digits=3):
-    return f"{fmt(mean, digits)} ± {fmt(std, digits)}"
-
-
-def md_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def _cell(res, metric="tau_w", short=True):
-    if res.get("error"):
-        reason = res["error"]
-        return f"n/a ({reason if not short or len(reason) <= 60 else reason[:57] + '...'})"
-    return fmt(res["metrics"][metric])
-
-
-def _itm_cells(res, metric="tau_w"):
-    if res.get("error"):
-        return f"n/a ({res['error'][:57]})", "n/a"
-    m = res["metrics"][metric]
-    return fmt_pm(m["mean"], m["std"]), fmt(res["mean_score_metrics"][metric])
-
-
-def table1(results):
-    names = list(results["targets"])
-    summary = results["summary"]
-    n_seeds = len(results["seeds"])
-    itm_rows = [[f"ITM ({n_seeds} seeds, mean ± std)"], [f"ITM (τ_w of the {n_seeds}-seed mean score)"]]
-    for name in names:
-        a, b = _itm_cells(results["targets"][name]["methods"]["itm"])
-        itm_rows[0].append(a)
-        itm_rows[1].append(b)
-    s = summary.get("itm")
-    itm_rows[0].append(fmt_pm(s["mean"], s["std"]) if s else "n/a")
-    itm_rows[1].append(fmt(s["mean_score"]) if s else "n/a")
-    rows = itm_rows
-    for m in results["methods"]:
-        row = [label(m)] + [_cell(results["targets"][t]["methods"][m]) for t in names]
-        rows.append(row + [fmt(summary[m]["mean"]) if m in summary else "n/a"])
-    return md_table(["Method"] + names + ["Mean"], rows)
-
-
-def seconds_table(results):
-    names = list(results["targets"])
-    rows = []
-    for m in ["itm"] + results["methods"]:
-        secs = [results["targets"][t]["methods"][m].get("seconds") for t in names]
-        cells = ["n/a" if s is None else f"{s:.1f}" for s in secs]
-        total = "n/a" if any(s is None for s in secs) else f"{sum(secs):.1f}"
-        rows.append([label(m) + (" (one seed)" if m == "itm" else "")] + cells + [total])
-    return md_table(["Method"] + names + ["Total"], rows)
-
-
-def metrics_table(results, name):
-    res = results["targets"][name]
-    rows = []
-    itm_res = res["methods"]["itm"]
-    if itm_res.get("error"):
-        rows.append(["ITM"] + [f"n/a ({itm_res['error'][:57]})"] * len(METRICS))
-    else:
-        rows.append([f"ITM ({len(results['seeds'])} seeds)"] +
-                    [fmt_pm(itm_res["metrics"][k]["mean"], itm_res["metrics"][k]["std"]) for k in METRICS])
-        rows.append(["ITM (mean score)"] + [fmt(itm_res["mean_score_metrics"][k]) for k in METRICS])
-    for m in results["methods"]:
-        r = res["methods"][m]
-        rows.append([label(m)] + ([_cell(r)] + ["n/a"] * (len(METRICS) - 1) if r["error"]
-                                  else [fmt(r["metrics"][k]) for k in METRICS]))
-    return md_table(["Method"] + [METRIC_LABELS[k] for k in METRICS], rows)
-
-
-def stability_table(summary):
-    rows = []
-    for m in summary["mean"]:
-        beats = [summary["itm_beats"].get(key, {}).get(m) for key in ("itm_seed0", "itm_mean")]
-        rows.append([label(m), fmt_pm(summary["mean"][m], summary["std"][m])] +
-                    ["—" if b is None else f"{100 * b:.1f}%" for b in beats])
-    return md_table(["Method", "τ_w over subsets (mean ± std)", "ITM (seed 0) higher in",
-                     "ITM (mean score) higher in"], rows)
-
-
-def ablation_table(results):
-    names = list(results["ablation"])
-    rows = []
-    for variant, _ in ABLATION:
-        row = [variant]
-        for name in names:
-            r = results["ablation"][name][variant]
-            row += ([f"n/a ({r['error'][:50]})", "n/a", "n/a"] if r.get("error") else
-                    [fmt_pm(r["tau_w_mean"], r["tau_w_std"]), fmt(r["tau_w_of_mean_score"]),
-                     f"{r['diverged']}/{r['runs']}"])
-        rows.append(row)
-    header = ["Reading"]
-    for name in names:
-        header += [f"{name} τ_w (mean ± std)", f"{name} τ_w of mean score", f"{name} diverged"]
-    return md_table(header, rows)
-
-
-def _subset_words(s):
-    if s["sampled"]:
-        return (f"a seeded random sample (seed {s['sample_seed']}) of {s['subsets']:,} of the "
-                f"C({s['pool']}, {s['k']}) = {s['of']:,} subsets")
-    return f"all C({s['pool']}, {s['k']}) = {s['of']:,} subsets of {s['k']} models"
-
-
-def _link(path, link_root):
-    return os.path.relpath(path, link_root).replace(os.sep, "/")
-
-
-# ----------------------------------------------------------------------------------- generated reading
-
-def _itm_vs_baselines(results):
-    s = results["summary"]
-    base = {m: v["mean"] for m, v in s.items() if m != "itm" and math.isfinite(v["mean"])}
-    if "itm" not in s:
-        return ["ITM has no mean τ_w (it failed on a target); see the table."]
-    itm_mean, n_t = s["itm"]["mean"], len(results["targets"])
-    lines = []
-    if base:
-        best = max(base, key=base.get)
-        lines.append(f"ITM's mean τ_w over {n_t} target(s) is {fmt_pm(itm_mean, s['itm']['std'])} "
-                     f"({len(results['seeds'])} seeds; {fmt(s['itm']['mean_score'])} for the "
-                     f"{len(results['seeds'])}-seed mean score) vs the best baseline "
-                     f"{fmt(base[best])} ({label(best)}).")
-        ahead = [label(m) for m in sorted(base, key=base.get) if itm_mean > base[m]]
-        behind = [f"{label(m)} ({fmt(base[m])})" for m in sorted(base, key=base.get, reverse=True)
-                  if base[m] >= itm_mean]
-        lines.append(f"By mean τ_w, ITM ranks {len(behind) + 1} of {len(base) + 1} methods; "
-                     f"ahead of it: {', '.join(behind) or 'none'}; behind it: {', '.join(ahead) or 'none'}.")
-    return lines
-
-
-def _per_target_lines(results):
-    lines = []
-    for name, res in results["targets"].items():
-        itm_res = res["methods"]["itm"]
-        vals = {m: r["metrics"]["tau_w"] for m, r in res["methods"].items()
-                if m != "itm" and not r["error"] and math.isfinite(r["metrics"]["tau_w"])}
-        if itm_res.get("error"):
-            lines.append(f"{name}: ITM failed ({itm_res['error']}).")
-            continue
-        t = itm_res["metrics"]["tau_w"]
-        if not math.isfinite(t["mean"]):
-            lines.append(f"{name}: ITM's τ_w is not defined (every run diverged or tied).")
-            continue
-        vals["itm"] = t["mean"]
-        winner = max(vals, key=vals.get)
-        per_seed = [r["metrics"]["tau_w"] for r in itm_res["runs"]]
-        truth, ms = res["truth"], itm_res["mean_score"]
-        top = max(ms, key=lambda m: ms[m] if math.isfinite(ms[m]) else -math.inf)
-        lines.append(
-            f"{name} ({len(res['models'])} models): highest τ_w {label(winner)} ({fmt(vals[winner])}); ITM "
-            f"{fmt_pm(t['mean'], t['std'])} (seeds range {fmt(min(per_seed))} to {fmt(max(per_seed))}), "
-            f"rank {sorted(vals.values(), reverse=True).index(t['mean']) + 1} of {len(vals)}. ITM's top "
-            f"model (mean score) is {top}, fine-tuned {truth[top]:.4f} vs best {max(truth.values()):.4f} "
-            f"({max(truth, key=truth.get)}): Rel@1 {fmt(itm_res['mean_score_metrics']['rel1'])}.")
-        if itm_res["diverged"]:
-            lines.append(f"{name}: {itm_res['diverged']} of {itm_res['runs_total']} default ITM runs diverged "
-                         "(ranked last).")
-    return lines
-
-
-def _stability_lines(results):
-    lines = []
-    for name, s in results["stability"].items():
-        beats = s.get("itm_beats", {}).get("itm_seed0")
-        if not beats:
-            continue
-        lo, hi = min(beats, key=beats.get), max(beats, key=beats.get)
-        won = [label(m) for m in beats if beats[m] > 0.5]
-        lines.append(f"{name}, stability over {_subset_words(s)}: ITM (seed 0) has a strictly higher τ_w "
-                     f"than {len(won)} of {len(beats)} baselines in most subsets; least often vs "
-                     f"{label(lo)} ({100 * beats[lo]:.1f}%), most often vs {label(hi)} ({100 * beats[hi]:.1f}%).")
-    return lines
-
-
-def _ablation_lines(results):
-    if not results.get("ablation"):
-        return []
-    lines = []
-    for name, rows in results["ablation"].items():
-        ok = {v: r for v, r in rows.items() if not r.get("error") and math.isfinite(r["tau_w_mean"])}
-        if not ok:
-            continue
-        best = max(ok, key=lambda v: ok[v]["tau_w_mean"])
-        div = [f"{v} {r['diverged']}/{r['runs']}" for v, r in rows.items() if r.get("diverged")]
-        default = ok.get(ABLATION[0][0], {})
-        stable = [r["tau_w_mean"] for v, r in ok.items() if v != ABLATION[0][0] and not r["diverged"]]
-        spread = (f" The other readings that never diverged range from {fmt(min(stable))} to "
-                  f"{fmt(max(stable))}, against a seed-to-seed std of {fmt(default.get('tau_w_std'))} for the "
-                  "default." if stable else "")
-        lines.append(f"{name}, ITM readings: highest mean τ_w is {best} ({fmt(ok[best]['tau_w_mean'])}); "
-                     f"the default gives {fmt(default.get('tau_w_mean'))}.{spread} Diverged runs: "
-                     f"{', '.join(div) or 'none'}.")
-    return lines
-
-
-def _tie_lines(results):
-    lines = []
-    for name, res in results["targets"].items():
-        tied = {}
-        for m, r in res["methods"].items():
-            if m != "itm" and not r["error"]:
-                counts = np.unique(list(r["scores"].values()), return_counts=True)[1]
-                if counts.max() >= 3:
-                    tied[label(m)] = int(counts.max())
-        if tied:
-            lines.append(f"{name}: {', '.join(f'{m} ({c} models)' for m, c in tied.items())} give several "
-                         "models exactly the same score (saturation); their τ_w depends on how these ties "
-                         "are counted (τ_w's tie rule here).")
-    return lines
-
-
-def reading(results):
-    """Bullets generated from the numbers (never typed by hand)."""
-    lines = _itm_vs_baselines(results) + _per_target_lines(results) + _tie_lines(results)
-    lines += _stability_lines(results) + _ablation_lines(results)
-    n_t = len(results["targets"])
-    if n_t == 1:
-        name = next(iter(results["targets"]))
-        lines.append(f"Only {name} has ground truth so far, so this is one dataset of "
-                     f"{len(results['targets'][name]['models'])} models: the ordering of methods is fragile "
-                     "(compare the gaps with ITM's seed-to-seed std).")
-    return ["- " + line for line in lines]
-
-
-# --------------------------------------------------------------------------------------- the fragment
-
-def _notes(results):
-    notes = [f"{name}: not scored — {why}" for name, why in results["skipped_targets"].items()]
-    for name, res in results["targets"].items():
-        notes += res["notes"]
-        for m, r in res["methods"].items():
-            if m != "itm" and r.get("notes"):
-                notes += [f"{name}: {label(m)}: {w}" for w in r["notes"]]
-    notes.append("A diverged ITM run (score NaN) is ranked last, tied; std is over seeds with ddof 0. "
-                 "τ_w is scipy.stats.weightedtau's default (kendall.weighted_tau). Baseline scores are "
-                 f"rounded to {SIG_DIGITS} significant digits before ranking (round-off must not break ties).")
-    if results.get("figures_note"):
-        notes.append(results["figures_note"])
-    return ["- " + n for n in notes]
-
-
-def render(results, link_root=ROOT):
-    """The README fragment (markdown), from the results dict."""
-    out = ["### Ranking accuracy (τ_w; layout of the paper's Table 1)", ""]
-    out += table1(results) + ["", "Seconds to score each target's whole pool once (wall time; depends on the "
-                              "machine and its load):", ""] + seconds_table(results)
-    for name, res in results["targets"].items():
-        out += ["", f"#### {name}: {len(res['models'])} models, N = {res['n']}, K = {res['classes']}", ""]
-        out += metrics_table(results, name)
-    out += ["", "### Stability (Fig. 3)", ""]
-    for name, s in results["stability"].items():
-        if "skipped" in s:
-            out += [f"{name}: skipped ({s['skipped']}).", ""]
-            continue
-        out += [f"{name}: τ_w on {_subset_words(s)}.", ""] + stability_table(s) + [""]
-    figs = results.get("figures", {})
-    for name, f in figs.items():
-        out += [f"![{name}: {kind}]({p})" for kind, p in sorted(f.items())] + [""]
-    if results.get("ablation"):
-        out += ["### ITM readings (SPEC §1a ablation)", "",
-                f"Each option varied alone from the default, {len(results['seeds'])} seeds; diverged runs "
-                "are ranked last and counted.", ""] + ablation_table(results) + [""]
-    out += ["### Reading (generated from the numbers above)", ""] + reading(results)
-    out += ["", "### Notes", ""] + _notes(results)
-    out += ["", "Reproduce every number above (seconds aside) with:", "", "```",
-            results.get("command", "python bench/accuracy.py"), "```", "",
-            f"Wall time of that run: {results['wall_seconds']:.0f} s on {os.cpu_count()} cores."]
-    return "\n".join(out) + "\n"
-
-
-def replace_region(text, fragment, begin=BEGIN, end=END):
-    """text with everything between the markers replaced by fragment; markers and the rest kept."""
-    if text.count(begin) != 1 or text.count(end) != 1:
-        raise ValueError(f"need exactly one {begin} and one {end}")
-    i, j = text.index(begin) + len(begin), text.index(end)
-    if j < i:
-        raise ValueError(f"{end} comes before {begin}")
-    return text[:i] + "\n" + fragment.strip("\n") + "\n" + text[j:]
-
-
-def update_readme(path, fragment):
-    path = Path(path)
-    new = replace_region(path.read_text(encoding="utf-8"), fragment)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------ outputs
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_outputs(results, arrays, outdir, figures=True, link_root=ROOT, start=None):
-    """results.json, results.md and the PNGs in outdir; returns the markdown. start: perf_counter() at
-    the beginning of the whole run, to report the wall time figures included."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if figures:
-        results["figures"] = make_figures(results, arrays, outdir, link_root)
-    if start is not None:
-        results["wall_seconds"] = time.perf_counter() - start
-    md = render(results, link_root)
-    (outdir / "results.md").write_text(md, encoding="utf-8")
-    (outdir / "results.json").write_text(json.dumps(_jsonable(results), indent=1, ensure_ascii=False) + "\n",
-                                         encoding="utf-8")
-    return md
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _parse_value(text):
-    for cast in (int, float):
+def _count(minimum):
+    def parse(text):
         try:
-            return cast(text)
+            value = int(text)
         except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _int_list(text):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers ≥ 1, got {text!r}")
+    return values
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="bench/accuracy.py", description=__doc__.split("\n")[0])
-    p.add_argument("--shared", help="shared/ (or shared/te_bench) directory; default <repo>/../shared")
-    p.add_argument("--out", default=str(HERE / "results"), help="output folder (default bench/results)")
-    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="ITM seeds (default 0,1,2,3,4)")
-    p.add_argument("--jobs", type=int, default=1, help="ITM processes (itm.rank jobs); baselines run serially")
-    p.add_argument("--methods", help="comma-separated baselines (default: all of baselines.py)")
-    p.add_argument("--targets", help="comma-separated targets (default: every one present with ground truth)")
-    p.add_argument("--itm", action="append", default=[], metavar="KEY=VALUE",
-                   help="an itm.Config override for every ITM run (e.g. iterations=100)")
-    p.add_argument("--ablation", action="store_true", help="also run SPEC §1a's ablation (slower)")
-    p.add_argument("--stability-k", type=int, default=STABILITY_K)
-    p.add_argument("--max-subsets", type=int, default=MAX_SUBSETS,
-                   help="enumerate every k-subset up to this many, else sample")
-    p.add_argument("--subset-sample", type=int, default=SUBSET_SAMPLE, help="subsets sampled (seed 0)")
-    p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--readme", help="replace the <!-- results:begin/end --> region of this file")
-    p.add_argument("--readme-only", action="store_true", help="with --readme: paste <out>/results.md, run nothing")
+    p = itm.CLIParser(prog=PROG, description=__doc__.split("\n")[0],
+                      epilog="Files: DIR/te_bench/features/<target>.npz (one float16 N×D array per model "
+                             "plus 'labels'), DIR/te_bench/groundtruth.json ({target: {model: fine-tuned "
+                             "accuracy}} plus 'details'), DIR/te_bench/models.json ({\"models\": {model: "
+                             "{\"params\": ...}}}).")
+    a = p.add_argument
+    a("--shared", metavar="DIR", help="the benchmark folder holding te_bench/ (or te_bench/ itself); "
+      "default: a folder named shared beside this checkout")
+    a("--models-json", metavar="PATH", help="static model facts for the priors (default: "
+      "models.json in te_bench/)")
+    a("--out", default=str(HERE / "results"), metavar="DIR", help="output folder (default bench/results)")
+    a("--seeds", type=_count(1), default=SEEDS, metavar="N", help=f"ITM seeds 0..N-1 (default {SEEDS})")
+    a("--jobs", type=_count(1), default=1, metavar="N", help="score each pool in N processes")
+    a("--scheduler", metavar="ADDRESS", help="score on Dask (itm.make_executor): a scheduler address, or "
+      "local:N for a local cluster of N workers; its workers must import this checkout's modules")
+    a("--methods", help="comma-separated baselines and priors (default: every one); priors: " +
+      ", ".join(PRIORS))
+    a("--targets", help="comma-separated targets (default: every one with enough ground truth)")
+    a("--itm", action="append", default=[], metavar="KEY=VALUE",
+      help="an itm.Config option for every ITM run (e.g. iterations=100)")
+    a("--min-models", type=_count(2), default=Settings.min_models, metavar="N",
+      help=f"models with ground truth a target (and a method) needs (default {Settings.min_models})")
+    a("--bootstrap", type=_count(1), default=Settings.bootstrap, metavar="B",
+      help=f"bootstrap resamples of the models for the τ_w interval (default {Settings.bootstrap})")
+    a("--bootstrap-seed", type=_count(0), default=Settings.bootstrap_seed, metavar="SEED")
+    a("--ablation", action="store_true", help="also run the ITM ablation (slow)")
+    a("--ablation-seeds", type=_count(1), default=ABLATION_SEEDS, metavar="N",
+      help=f"seeds 0..N-1 of every ablation row (default {ABLATION_SEEDS})")
+    a("--ablation-folds", type=_int_list, default=ABLATION_FOLDS, metavar="K,K,...",
+      help="folds values of the ablation (default " + ",".join(map(str, ABLATION_FOLDS)) + ")")
+    a("--ablation-preprocess", metavar="P,P,...", help="preprocess values of the ablation (default: "
+      "every choice of itm.Config)")
+    a("--no-readings", action="store_true", help="ablation without the DESIGN.md §1a reading rows")
+    a("--stability-k", type=_count(2), default=Settings.stability_k, metavar="K")
+    a("--max-subsets", type=_count(1), default=Settings.max_subsets,
+      help="enumerate every k-subset up to this many, else sample")
+    a("--subset-sample", type=_count(1), default=Settings.subset_sample, help="subsets sampled (seed 0)")
+    a("--no-figures", action="store_true")
+    a("--readme", metavar="PATH", help="replace the <!-- results:begin/end --> region of this file")
+    a("--readme-only", action="store_true", help="with --readme: paste <out>/results.md, run nothing")
     return p.parse_args(argv)
+
+
+def _typed(field, text):
+    """text as the type of an itm.Config field's default (None-default fields: an int or "none")."""
+    default = field.default
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--itm {field.name}: expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if default is None and text.lower() == "none":
+        return None
+    cast = int if default is None or isinstance(default, int) else type(default)
+    try:
+        return cast(text)
+    except ValueError:
+        raise ValueError(f"--itm {field.name}: expected {cast.__name__}, got {text!r}") from None
+
+
+def itm_options(pairs):
+    """{field: typed value} from KEY=VALUE strings, checked by building the Config."""
+    fields = {f.name: f for f in dataclasses.fields(itm.Config)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields or key == "seed":
+            raise ValueError(f"--itm {pair!r}: expected KEY=VALUE with KEY an itm.Config option other than "
+                             f"seed ({', '.join(k for k in fields if k != 'seed')})")
+        out[key] = _typed(fields[key], value)
+    itm.Config(**out)
+    return out
+
+
+def _split(text):
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def _check_names(args, bench):
+    """--methods, --targets, --ablation-preprocess against what exists."""
+    known = baseline_names() + [m for m in NOT_APPLICABLE if m not in baseline_names()] + list(PRIORS)
+    for m in _split(args.methods) or []:
+        if m not in known:
+            raise ValueError(f"--methods: unknown method {m!r} (choose from {', '.join(known)})")
+    present = sorted(p.stem for p in (bench / "features").glob("*.npz"))
+    for t in _split(args.targets) or []:
+        if t not in present:
+            raise ValueError(f"--targets: no features/{t}.npz (present: {', '.join(present) or 'none'})")
+    choices = _choices("preprocess", PREPROCESS)
+    for v in _split(args.ablation_preprocess) or []:
+        if v not in choices:
+            raise ValueError(f"--ablation-preprocess: {v!r} is not one of {', '.join(choices)}")
+
+
+def prepare(args):
+    """Every check before any work: the keyword arguments of run(), or a one-line ValueError."""
+    if args.scheduler and args.jobs > 1:
+        raise ValueError("--scheduler and --jobs: give one of them")
+    if args.scheduler and not hasattr(itm, "make_executor"):
+        raise ValueError("--scheduler: this itm.py has no make_executor")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} is not a folder")
+    if args.readme:
+        report.check_readme(args.readme)
+    bench = find_bench_dir(args.shared)
+    _check_names(args, bench)
+    if args.models_json and not Path(args.models_json).is_file():
+        raise ValueError(f"--models-json: no file {args.models_json}")
+    load_model_facts(args.models_json or bench / "models.json")
+    names = _split(args.methods)
+    ablation = Ablation(tuple(range(args.ablation_seeds)), tuple(args.ablation_folds),
+                        tuple(_split(args.ablation_preprocess) or ()) or None, not args.no_readings)
+    return dict(bench_dir=bench, seeds=tuple(range(args.seeds)), itm_options=itm_options(args.itm),
+                methods=None if names is None else [m for m in names if m not in PRIORS],
+                priors=tuple(PRIORS) if names is None else tuple(m for m in names if m in PRIORS),
+                targets=_split(args.targets), ablation=ablation if args.ablation else None,
+                models_json=args.models_json,
+                settings=Settings(args.min_models, args.bootstrap, args.bootstrap_seed, args.stability_k,
+                                  args.max_subsets, args.subset_sample))
 
 
 def command_line(argv):
@@ -912,40 +917,41 @@ def command_line(argv):
     for a in argv:
         if skip:
             skip = False
-            continue
-        if a == "--readme":
+        elif a == "--readme":
             skip = True
-            continue
-        if a.startswith("--readme"):
-            continue
-        keep.append(a)
+        elif not a.startswith("--readme"):
+            keep.append(a)
     return " ".join(["python bench/accuracy.py"] + [shlex.quote(a) for a in keep])
 
 
-def main(argv=None):
+def _main(argv):
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.readme_only:
         if not args.readme:
-            raise SystemExit("--readme-only needs --readme PATH")
-        update_readme(args.readme, (Path(args.out) / "results.md").read_text(encoding="utf-8"))
-        log(f"pasted {Path(args.out) / 'results.md'} into {args.readme}")
+            raise ValueError("--readme-only needs --readme PATH")
+        md = Path(args.out) / "results.md"
+        if not md.is_file():
+            raise ValueError(f"--readme-only: no {md} (run without --readme-only first)")
+        report.update_readme(args.readme, md.read_text(encoding="utf-8"))
+        log(f"pasted {md} into {args.readme}")
         return 0
-    options = dict(kv.split("=", 1) for kv in args.itm)
-    results, arrays = run(find_bench_dir(args.shared), tuple(int(s) for s in args.seeds.split(",")),
-                          args.jobs, args.methods.split(",") if args.methods else None,
-                          args.targets.split(",") if args.targets else None,
-                          {k: _parse_value(v) for k, v in options.items()}, args.ablation,
-                          args.stability_k, args.max_subsets, args.subset_sample)
-    results["command"] = command_line(argv)
-    md = write_outputs(results, arrays, args.out, figures=not args.no_figures, start=start)
+    kwargs = prepare(args)
+    with make_executor(args.jobs, args.scheduler) as executor:
+        results, arrays = run(executor=executor, **kwargs)
+    results.update(command=command_line(argv), jobs=args.jobs, scheduler=args.scheduler)
+    md = report.write_outputs(results, arrays, args.out, figures=not args.no_figures, start=start)
     print(md)
     log(f"wrote {args.out}/results.md, results.json; total wall time {results['wall_seconds']:.0f} s")
     if args.readme:
-        update_readme(args.readme, md)
+        report.update_readme(args.readme, md)
         log(f"replaced the results region of {args.readme}")
     return 0
+
+
+def main(argv=None):
+    return itm.run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

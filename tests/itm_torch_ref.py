@@ -48,8 +48,13 @@ def explicit_propagate(theta, T, Q, n, eta, scale, pc_loss):
     return theta @ Wg
 
 
-def batch_features(E, rows, normalize):
+def batch_features(E, rows, normalize, prep=None):
+    """The batch as f sees it: through the plan's preprocessing (x − c)·s (unit rows if asked), in float64."""
     X = t(E[rows])
+    if prep is not None:
+        X = (X - (0.0 if prep.c is None else t(prep.c))) * t(prep.s)
+        if prep.unit_rows:
+            X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
     if normalize == "features":
         X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return X
@@ -75,7 +80,7 @@ def loss_and_grads(E, plan, cfg, params, rows):
     """One training iteration's loss and the gradients of [W_z, b_z, W_h, b_h] (NumPy float64)."""
     ps = [t(p).requires_grad_(True) for p in params]
     y = torch.as_tensor(plan.y[rows])
-    logits = logits_of(ps, batch_features(E, rows, cfg.normalize), y, t(plan.centres), t(plan.q), cfg,
+    logits = logits_of(ps, batch_features(E, rows, cfg.normalize, plan.prep), y, t(plan.centres), t(plan.q), cfg,
                        plan.n)
     loss = F.cross_entropy(logits, y)
     grads = torch.autograd.grad(loss, ps)
@@ -93,10 +98,10 @@ def accuracy(E, plan, cfg, params):
         y = torch.as_tensor(plan.y[rows])
         if cfg.mode == "explicit":  # the inner loop needs autograd
             with torch.enable_grad():
-                logits = logits_of(params, batch_features(E, rows, cfg.normalize), y, centres, q, cfg,
+                logits = logits_of(params, batch_features(E, rows, cfg.normalize, plan.prep), y, centres, q, cfg,
                                    plan.n).detach()
         else:
-            logits = logits_of(params, batch_features(E, rows, cfg.normalize), y, centres, q, cfg, plan.n)
+            logits = logits_of(params, batch_features(E, rows, cfg.normalize, plan.prep), y, centres, q, cfg, plan.n)
         correct += int((logits.argmax(dim=1) == y).sum())
     return 100.0 * correct / rows_all.size
 
@@ -113,7 +118,7 @@ def algorithm2(E, plan, cfg):
         rows = plan.batches[step - 1]
         y = torch.as_tensor(plan.y[rows])
         opt.zero_grad()
-        loss = F.cross_entropy(logits_of(params, batch_features(E, rows, cfg.normalize), y, centres, q,
+        loss = F.cross_entropy(logits_of(params, batch_features(E, rows, cfg.normalize, plan.prep), y, centres, q,
                                          cfg, plan.n), y)
         loss.backward()
         opt.step()

@@ -237,7 +237,7 @@ def test_plan_split_matches_spec(seed):
     """Stratified split: disjoint, together all N, every class (even one of 2 samples) in both parts, the
     scoring part 1/5 of each class (rounded; at least 1, at most all but 1)."""
     X, y = uneven_data(seed)
-    plan = itm.make_plan(X, y, itm.Config(seed=seed, batch_size=16, iterations=30))
+    plan = itm.make_plan(X, y, itm.Config(seed=seed, batch_size=16, iterations=30, folds=1))
     train, score = plan.train_idx, plan.score_idx
     assert np.intersect1d(train, score).size == 0
     assert np.array_equal(np.sort(np.concatenate([train, score])), np.arange(y.size))
@@ -246,7 +246,7 @@ def test_plan_split_matches_spec(seed):
         total, in_score = np.sum(y == k), np.sum(y[score] == k)
         assert 1 <= in_score <= total - 1
         assert abs(in_score - total / 5) <= 1, (k, in_score, total)
-    other = itm.make_plan(X, y, itm.Config(seed=seed + 10, batch_size=16, iterations=30))
+    other = itm.make_plan(X, y, itm.Config(seed=seed + 10, batch_size=16, iterations=30, folds=1))
     assert not np.array_equal(np.sort(other.score_idx), np.sort(score))  # the split follows the seed
 
 
@@ -254,7 +254,7 @@ def test_plan_split_matches_spec(seed):
 def test_plan_adaptive_n_matches_spec(sep, dtype):
     """plan.n and plan.dis against Eq. 9 recomputed in float64 (sep = 1e4: n clamped to 1)."""
     X, y = uneven_data(3, sep=sep, dtype=dtype)
-    cfg = itm.Config(batch_size=16, iterations=10)
+    cfg = itm.Config(batch_size=16, iterations=10, preprocess="none")  # Eq. 9 on the features as given
     plan = itm.make_plan(X, y, cfg)
     n, dis = spec_adaptive_n(X, y, plan.train_idx, cfg)
     assert abs(plan.dis - dis) <= 1e-9 * dis, (plan.dis, dis)
@@ -269,7 +269,7 @@ def test_plan_onehot_centres_shifted(normalize):
     """Default centres: one-hot, shifted by the scalar mean μ and std σ of all training-feature entries
     (after row normalisation when normalize="features"): Ê = μ + σ·I. Unshifted with shift=False."""
     X, y = uneven_data(4)
-    cfg = itm.Config(batch_size=16, iterations=10, normalize=normalize)
+    cfg = itm.Config(batch_size=16, iterations=10, normalize=normalize, preprocess="none")
     plan = itm.make_plan(X, y, cfg)
     F = X[plan.train_idx]
     if normalize == "features":
@@ -285,7 +285,8 @@ def test_plan_onehot_centres_shifted(normalize):
 def test_plan_other_centres_orthonormal(centers, latent_dim):
     """random / pca / laplacian centres: K×Z, unit norm, mutually orthogonal (Ê Êᵀ = I), seeded."""
     X, y = uneven_data(5)
-    cfg = itm.Config(batch_size=16, iterations=10, centers=centers, latent_dim=latent_dim, shift=False)
+    cfg = itm.Config(batch_size=16, iterations=10, centers=centers, latent_dim=latent_dim, shift=False,
+                     preprocess="none")
     plan = itm.make_plan(X, y, cfg)
     C = plan.centres
     assert C.shape == (5, latent_dim)
@@ -637,7 +638,7 @@ def test_divergence_reported_not_scored():
     X, y = blobs(9)
     X = X * 1e4
     with pytest.warns(RuntimeWarning, match="diverged"):
-        r = itm.itm_score(X, y, normalize="none", **SMALL)
+        r = itm.itm_score(X, y, normalize="none", preprocess="none", **SMALL)
     assert r.diverged and math.isnan(r.score) and r.trajectory == []
     assert "2" in r.note or "finite" in r.note
     # the normalised default is a contraction on the same features
@@ -647,7 +648,7 @@ def test_divergence_reported_not_scored():
     assert not ok.diverged and ok.score > 100 / 6
     # in a ranking the diverged model comes last, with a warning naming it
     with pytest.warns(RuntimeWarning, match="'huge'"):
-        ranking = itm.rank({"huge": X, "fine": X / 1e4}, y, normalize="none", **SMALL)
+        ranking = itm.rank({"huge": X, "fine": X / 1e4}, y, normalize="none", preprocess="none", **SMALL)
     assert [name for name, _ in ranking] == ["fine", "huge"]
     assert ranking[1][1].diverged and not ranking[0][1].diverged
 

@@ -83,7 +83,7 @@ def test_dense_equals_flattened_classification_with_the_same_split():
     """With the split made identical, a dense run is a classification run on the flattened positions:
     the same n, centres, batches, losses and score."""
     F, maps = dense_blobs(1.0, ignore_frac=0.0)
-    cfg = itm.Config(**SMALL)
+    cfg = itm.Config(**SMALL, preprocess="none")
     dense = itm.make_plan(F, maps, cfg)
     E, y = F.reshape(-1, F.shape[-1]), dense.y
     flat = itm.make_plan(E, y, cfg)

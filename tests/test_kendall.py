@@ -1,9 +1,9 @@
 """Tests for kendall.py: every metric written twice (ours vs scipy, the field's oracle), asserted equal.
 
 The published fine-tuning tables in bench/data/finetune_acc_tables.json are verbatim copies of the distinct
-tables in shared/te_groundtruth/finetune_acc_tables.json (TencentARC/SFDA tw_group1/2, BUserName/NCTI
-tw_group2 with resisc/eurosat, OpenGVLab/Multitask-Model-Selector ViT, prafful-kumar/enhancing_TE
-lbft/lft); tables that are identical copies of these (ETran, PED, EMMS CNN, SA ft) are left out.
+tables the public TE codes ship (TencentARC/SFDA tw_group1/2, BUserName/NCTI tw_group2 with resisc/eurosat,
+OpenGVLab/Multitask-Model-Selector ViT, prafful-kumar/enhancing_TE lbft/lft); tables that are identical
+copies of these (ETran, PED, EMMS CNN, SA ft) are left out.
 """
 import ast
 import doctest
@@ -439,6 +439,191 @@ def test_cli_notes_dropped_models_on_stderr(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "kendall.py: note: resisc: truth is 0 for ['simclr-v1', 'simclr-v2']" in captured.err
     assert "resisc" in captured.out
+
+
+# --- CLI: the common scores shape, several files, ground-truth files, undefined metrics ------------------
+
+SHARED = ROOT.parent / "shared"
+ACC = {"a": 0.91, "b": 0.84, "c": 0.77, "d": 0.62, "e": 0.55}
+
+
+def common(dataset, scores, **extras):
+    """The shape itm.py --json and baselines.py --json print."""
+    return {"dataset": dataset, "scores": scores, **extras}
+
+
+def run(argv, capsys):
+    code = kendall.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_common_shape_several_files_and_nulls(tmp_path, capsys):
+    itm_scores = {"a": 70.0, "b": 72.0, "c": 60.0, "d": None, "e": 41.0}
+    base_scores = {"logme": {"a": -0.2, "b": -0.3, "c": -0.5, "d": -0.4, "e": -0.9},
+                   "sfda": {"a": 1.0, "b": None, "c": None, "d": 0.2, "e": 0.1}}
+    s1 = write(tmp_path, "itm.json", common("toy", {"ITM": itm_scores}, ranking=[]))
+    s2 = write(tmp_path, "base.json", common("toy", base_scores, methods=["logme", "sfda"], errors={}))
+    tp = write(tmp_path, "gt.json", {"protocol": {"splits": 3}, "toy": ACC, "other": {"a": 1.0, "z": 2.0}})
+    for argv in (["--scores", s1, "--scores", s2], ["--scores", f"{s1},{s2}"]):
+        code, out, err = run([*argv, "--truth", tp, "--json"], capsys)
+        assert code == 0, err
+        res = json.loads(out)
+        assert list(res) == ["ITM", "logme", "sfda"]
+        for method, sc in {"ITM": itm_scores, **base_scores}.items():
+            kept = {m: v for m, v in sc.items() if v is not None}
+            assert same(res[method]["tau_w"]["toy"], st.weightedtau(list(kept.values()),
+                                                                   [ACC[m] for m in kept]).statistic)
+        assert "kendall.py: note: ITM: toy: no score (null) for d: dropped" in err
+        assert "kendall.py: note: sfda: toy: no score (null) for b, c: dropped" in err
+        assert "logme" not in err
+    code, out, _ = run(["--scores", f"{s1},{s2}", "--truth", tp], capsys)
+    assert code == 0 and out.splitlines()[0].split() == ["tau_w", "toy", "mean"]
+    assert [line.split()[0] for line in out.splitlines()[1:4]] == ["ITM", "logme", "sfda"]
+
+
+def test_cli_truth_table_choice(tmp_path, capsys):
+    sc = {"a": 5.0, "b": 4.0, "c": 1.0, "d": 2.0, "e": 3.0}
+    rev = {m: -v for m, v in ACC.items()}
+    gt = write(tmp_path, "gt.json", {"details": {"toy": {"epochs": 10}}, "toy": ACC, "rev": rev})
+    flat = write(tmp_path, "flat.json", ACC)
+    one = write(tmp_path, "one.json", {"protocol": "x", "toy": ACC})
+    ref, ref_rev = kendall.weighted_tau(sc, ACC), kendall.weighted_tau(sc, rev)
+    named, unnamed = write(tmp_path, "n.json", common("toy", {"M": sc})), write(tmp_path, "u.json", common(None, {"M": sc}))
+    other = write(tmp_path, "o.json", common("zoo", {"M": sc}))
+
+    def tau(argv):
+        code, out, err = run([*argv, "--json"], capsys)
+        assert code == 0, err
+        (col, value), = ((c, v) for c, v in json.loads(out)["M"]["tau_w"].items() if c != "mean")
+        return col, value, err
+    assert tau(["--scores", named, "--truth", gt])[:2] == ("toy", ref)                 # the dataset names it
+    assert tau(["--scores", named, "--truth", gt, "--target", "rev"])[:2] == ("rev", ref_rev)
+    assert tau(["--scores", named, "--truth", flat])[:2] == ("toy", ref)               # a flat truth
+    assert tau(["--scores", unnamed, "--truth", flat])[:2] == ("flat", ref)            # ... named by its file
+    assert tau(["--scores", unnamed, "--truth", one])[:2] == ("one", ref)              # the only table
+    col, value, err = tau(["--scores", other, "--truth", one])                          # no table 'zoo': the only one
+    assert (col, value) == ("zoo", ref) and "has no table 'zoo': its only table is used" in err
+    for argv, message in ((["--scores", unnamed, "--truth", gt], "holds 2 tables (toy, rev)"),
+                          (["--scores", other, "--truth", gt], "has no table 'zoo' (tables: toy, rev)"),
+                          (["--scores", named, "--truth", gt, "--target", "nope"], "no table 'nope'")):
+        code, out, err = run(argv, capsys)
+        assert code == 1 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(not (SHARED / "te_bench" / "groundtruth.json").exists(), reason="no shared/ beside the repo")
+def test_cli_reads_the_bench_ground_truth(tmp_path, capsys):
+    path = SHARED / "te_bench" / "groundtruth.json"
+    acc = json.loads(path.read_text())["flowers17"]
+    sp = write(tmp_path, "s.json", common("flowers17", {"truth_itself": acc, "reversed": {m: -a for m, a in acc.items()}}))
+    code, out, err = run(["--scores", sp, "--truth", str(path), "--json", "--metric", "tau_w,rel1"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["truth_itself"]["tau_w"]["flowers17"] == 1.0 and res["truth_itself"]["rel1"]["flowers17"] == 1.0
+    assert same(res["reversed"]["tau_w"]["flowers17"], st.weightedtau([-a for a in acc.values()],
+                                                                      list(acc.values())).statistic)
+
+
+def test_cli_legacy_shapes_mix_with_the_common_one(tmp_path, capsys):
+    truth = {"d1": ACC, "d2": {"a": 1.0, "b": 3.0, "c": 2.0}}
+    tp = write(tmp_path, "t.json", truth)
+    legacy1 = write(tmp_path, "probe.json", {"d1": {m: a + 0.01 for m, a in ACC.items()}, "d2": {"a": 1, "b": 2, "c": 3}})
+    legacy3 = write(tmp_path, "l3.json", {"X": {"d2": {"a": 3.0, "b": 2.0, "c": 1.0}}})
+    new = write(tmp_path, "new.json", common("d1", {"X": {m: -a for m, a in ACC.items()}}))
+    code, out, err = run(["--scores", f"{legacy1},{legacy3},{new}", "--truth", tp, "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert list(res) == ["probe", "X"] and res["probe"]["tau_w"]["d1"] == 1.0
+    assert list(res["X"]["tau_w"]) == ["d2", "d1", "mean"]
+    assert res["X"]["tau_w"]["mean"] == np.mean([kendall.weighted_tau([3, 2, 1], [1, 3, 2]), -1.0])
+    code, out, err = run(["--scores", f"{new},{new}", "--truth", tp], capsys)
+    assert code == 1 and "method 'X' has scores for 'd1' in" in err and err.count("\n") == 1
+
+
+def test_cli_all_tied_scores_or_truth_are_na_with_a_note(tmp_path, capsys):
+    tied = {"ITM": {m: 50.0 for m in ACC}, "logme": {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0, "e": -1.0}}
+    sp = write(tmp_path, "s.json", common("toy", tied))
+    tp = write(tmp_path, "t.json", {"toy": ACC})
+    code, out, err = run(["--scores", sp, "--truth", tp, "--metric", "tau_w,rho,rel1"], capsys)
+    assert code == 0, err
+    assert "kendall.py: note: ITM: toy: all scores tied: tau_w, rho undefined" in err
+    assert "logme" not in err
+    blocks = [block.splitlines() for block in out.strip().split("\n\n")]  # one per metric: tau_w, rho, rel1
+    assert [block[0].split() for block in blocks] == [[metric, "toy", "mean"] for metric in ("tau_w", "rho", "rel1")]
+    assert [line.split() for line in blocks[0][1:]] == [["ITM", "n/a", "n/a"], ["logme", "1.0000", "1.0000"]]
+    assert blocks[1][1].split() == ["ITM", "n/a", "n/a"] and blocks[2][1].split()[0:2] == ["ITM", "1.0000"]
+    code, out, err = run(["--scores", sp, "--truth", tp, "--json"], capsys)
+    res = json.loads(out)  # strict JSON: undefined is null, not NaN
+    assert code == 0 and res["ITM"]["tau_w"] == {"toy": None, "mean": None} and res["logme"]["tau_w"]["toy"] == 1.0
+    flat_truth = write(tmp_path, "ft.json", {"toy": {m: 0.5 for m in ACC}})
+    code, out, err = run(["--scores", sp, "--truth", flat_truth, "--json"], capsys)
+    assert code == 0 and json.loads(out)["logme"]["tau_w"]["toy"] is None
+    assert "kendall.py: note: logme: toy: all truth values tied: tau_w undefined" in err
+    assert "ITM: toy: all scores and truth values tied" in err
+
+
+def test_cli_stability_with_common_shape_nulls_and_ties(tmp_path, capsys):
+    scores, truth = pool14()
+    scores["method1"] = {**scores["method1"], "swin_t": None}
+    sp, tp = write(tmp_path, "s.json", common("cifar100", scores)), write(tmp_path, "t.json", {"cifar100": truth})
+    code, out, err = run(["--scores", sp, "--truth", tp, "--stability", "10", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)["cifar100"]
+    ref = kendall.stability({m: {k: v for k, v in s.items() if k != "swin_t"} for m, s in scores.items()},
+                            {k: v for k, v in truth.items() if k != "swin_t"}, 10)
+    assert res["n_subsets"] == math.comb(13, 10) and res["mean"] == ref["summary"]["mean"]
+    assert "method1: cifar100: no score (null) for swin_t: dropped" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metric", "tau_w,foo"], "--metric: unknown metric 'foo'"),
+    (["--stability", "1"], "--stability: K must be >= 2"),
+    (["--stability", "5", "--metric", "rho"], "--metric does not apply to --stability"),
+    (["--scores", "a.json,"], "--scores: empty file name in 'a.json,'"),
+])
+def test_cli_arguments_are_checked_before_files_are_read(tmp_path, capsys, argv, message):
+    missing = str(tmp_path / "nope.json")
+    code, out, err = run(["--scores", missing, "--truth", missing, *argv], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1 and message in err and "nope" not in err, err
+
+
+def test_cli_target_must_not_merge_datasets(tmp_path, capsys):
+    sp = write(tmp_path, "s.json", {"d1": {"a": 1.0, "b": 2.0}, "d2": {"a": 1.0, "b": 2.0}})
+    tp = write(tmp_path, "t.json", {"d1": {"a": 1.0, "b": 2.0}, "d2": {"a": 2.0, "b": 1.0}})
+    code, _, err = run(["--scores", sp, "--truth", tp, "--target", "d1"], capsys)
+    assert code == 1 and "--target 'd1' picks one truth table, but the scores cover datasets d1, d2" in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bad_dataset", '"dataset" must be a name or null'),
+    ("bad_scores", '"scores" must be {method: {model: score or null}}'),
+    ("flat", "expected {\"dataset\": NAME"),
+    ("bad_group", "--table 'nope'"),
+])
+def test_cli_bad_shapes_are_one_line(tmp_path, capsys, case, message):
+    tp = write(tmp_path, "t.json", {"d": ACC})
+    sp = write(tmp_path, "s.json", {"bad_dataset": common(3, {"M": ACC}), "bad_scores": common("d", ACC),
+                                    "flat": ACC, "bad_group": {"d": ACC}}[case])
+    code, out, err = run(["--scores", sp, "--truth", tp] + (["--table", "nope"] if case == "bad_group" else []),
+                         capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_cli_closed_stdout_ends_quietly(tmp_path, buffered):
+    """`kendall.py ... | head -1`: the reader leaves before the table is written; no BrokenPipeError."""
+    scores = {f"method{i}": {m: float((i * 7 + j * 3) % 11) for j, m in enumerate(ACC)} for i in range(200)}
+    sp, tp = write(tmp_path, "s.json", common("toy", scores)), write(tmp_path, "t.json", ACC)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "kendall.py"), "--scores", sp, "--truth", tp],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, env=env)
+    os.close(write_end)
+    os.close(read_end)  # closed before the child can have written: every write of it fails
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0 and "BrokenPipe" not in err and "Traceback" not in err, err
 
 
 # --- module hygiene ----------------------------------------------------------------------------------
