@@ -52,6 +52,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -207,6 +208,8 @@ class Result:
     sd: float = float("nan")        # standard deviation of fold_scores (ddof 1; NaN with one fold)
     chance: float = float("nan")    # percent: accuracy of always predicting the most frequent class
     fold_n: list = field(default_factory=list)        # each fold's n
+    error: str = ""                 # why the model could not be scored (rank(..., errors="report"))
+    n_scored: int = 0               # samples scored over all folds (N with cross-fitting)
 
 
 class Diverged(ArithmeticError):
@@ -1311,10 +1314,11 @@ def _score(features, labels, cfg):
     """Every fold of one model: train on the other folds, score this one; aggregate."""
     start = time.perf_counter()
     data = prepare(np.asarray(features) if not isinstance(features, np.ndarray) else features, labels, cfg)
-    runs, n = [], []
+    runs, n, scored = [], [], 0
     for fold in range(cfg.folds):
         plan = _plan(data, cfg, fold)
         n.append(plan.n)
+        scored += plan.score_idx.size
         try:
             runs.append(train(data.E, plan, cfg))
         except Diverged as err:
@@ -1325,7 +1329,7 @@ def _score(features, labels, cfg):
     trajectory = [(t, float(np.mean([traj[i][1] for traj, _ in runs]))) for i, (t, _) in enumerate(runs[0][0])]
     return Result(float(np.mean(best)), trajectory, int(np.median(n)), time.perf_counter() - start, False,
                   runs[0][1], fold_scores=best, sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"),
-                  chance=_chance(data.y), fold_n=n)
+                  chance=_chance(data.y), fold_n=n, n_scored=scored)
 
 
 def _chance(y):
@@ -1348,63 +1352,140 @@ def itm_score(features, labels, config=None, **overrides) -> Result:
 
 
 def rank(feature_sets: Mapping[str, np.ndarray], labels, config=None, progress=None, jobs=1,
-         **overrides):
+         executor=None, errors="raise", **overrides):
     """Score every model of {name: features N×D} on the same labels; [(name, Result)], best first.
 
-    Diverged models (score NaN) come last, each with a warning naming it. progress(i, total, name,
-    result) is called after each model. jobs > 1 scores models in that many processes, the BLAS threads
-    divided among them; every score is the same as with jobs=1 (each run depends only on its seed).
+    Diverged models (score NaN) come last, each with a warning naming it; ties keep the input order.
+    progress(i, total, name, result) is called as each model finishes. jobs > 1 scores models in that
+    many processes, the BLAS threads divided among them; executor (any concurrent.futures.Executor, e.g.
+    make_executor("local:2")) runs them there instead. Every score is the same as with jobs=1: each run
+    depends only on its seed. errors="raise" stops at a model with bad input (ValueError naming it);
+    errors="report" gives it Result.error and score NaN, ranked last, and scores the others.
     """
     cfg = _config(config, overrides)
-    if len(feature_sets) == 0:
-        raise ValueError("no models to rank")
-    results = []
-    for name, result in _score_all(feature_sets, labels, cfg, jobs):
+    results = score_grid(feature_sets, labels, [cfg], progress, jobs, executor, errors)[0]
+    for name, result in results.items():
         if result.diverged:
             warnings.warn(f"ITM diverged on model {name!r} ({result.note}); score is NaN",
                           RuntimeWarning, stacklevel=2)
-        results.append((name, result))
+    return sorted(results.items(), key=lambda nr: (math.isnan(nr[1].score), -np.nan_to_num(nr[1].score)))
+
+
+def score_grid(feature_sets, labels, configs, progress=None, jobs=1, executor=None, errors="raise"):
+    """Every model under every Config (seeds, readings, ...): [{name: Result} in input order, one dict
+    per config]. A model's features travel to an executor once, whatever the number of configs
+    (Executor.share, where the executor has it, e.g. Dask's scatter)."""
+    if len(feature_sets) == 0:
+        raise ValueError("no models to rank")
+    if errors not in ("raise", "report"):
+        raise ValueError(f"errors must be 'raise' or 'report', got {errors!r}")
+    configs = [_config(c, {}) for c in configs]
+    tasks = [(name, i) for name in feature_sets for i in range(len(configs))]
+    done = {}
+    for (name, i), outcome in _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
+        if isinstance(outcome, BaseException):
+            if errors == "raise":
+                raise outcome
+            outcome = Result(float("nan"), [], 0, 0.0, error=one_line(outcome))
+        done[name, i] = outcome
         if progress is not None:
-            progress(len(results), len(feature_sets), name, result)
-    return sorted(results, key=lambda nr: (math.isnan(nr[1].score), -np.nan_to_num(nr[1].score)))
+            progress(len(done), len(tasks), name, outcome)
+    return [{name: done[name, i] for name in feature_sets} for i in range(len(configs))]
 
 
 def _score_named(name, feats, labels, cfg):
+    """A model's Result, or the ValueError (naming the model) that its input raised — returned, not
+    raised, so an executor neither logs nor retries a failure that would only repeat."""
     try:
-        return name, _score(feats, labels, cfg)
+        return _score(feats, labels, cfg)
     except ValueError as err:
-        raise ValueError(f"model {name!r}: {err}") from None
+        return ValueError(f"model {name!r}: {err}")
+
+
+def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
+    """Yield ((name, config index), Result or the exception it raised) as tasks finish."""
+    if executor is None and min(int(jobs), len(tasks)) <= 1:
+        for name, i in tasks:
+            yield (name, i), _score_named(name, feature_sets[name], labels, configs[i])
+        return
+    import concurrent.futures as cf
+    with contextlib.ExitStack() as stack:
+        if executor is None:
+            executor = stack.enter_context(_process_pool(feature_sets, labels, min(int(jobs), len(tasks))))
+            futures = {executor.submit(_pool_score, name, configs[i]): (name, i) for name, i in tasks}
+        else:
+            share = getattr(executor, "share", lambda x: x)
+            shared = {name: share(feature_sets[name]) for name in feature_sets}
+            labels_ = share(labels)
+            futures = {executor.submit(_score_named, name, shared[name], labels_, configs[i]): (name, i)
+                       for name, i in tasks}
+        for future in cf.as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except Exception as err:                     # noqa: BLE001 — the task's failure, reported
+                yield futures[future], err
 
 
 _POOL = {}  # what a worker process scores (forked workers inherit the features instead of unpickling)
 
 
-def _pool_init(threads, feature_sets, labels, cfg):
-    _POOL.update(sets=feature_sets, labels=labels, cfg=cfg)
+def _pool_init(threads, feature_sets, labels):
+    _POOL.update(sets=feature_sets, labels=labels)
     if ThreadpoolController is not None:
         _POOL["limit"] = ThreadpoolController().limit(limits=threads, user_api="blas")
 
 
-def _pool_score(name):
-    return _score_named(name, _POOL["sets"][name], _POOL["labels"], _POOL["cfg"])
+def _pool_score(name, cfg):
+    return _score_named(name, _POOL["sets"][name], _POOL["labels"], cfg)
 
 
-def _score_all(feature_sets, labels, cfg, jobs):
-    """Yield (name, Result) as models finish: in this process, or in `jobs` forked workers."""
-    jobs = min(int(jobs), len(feature_sets))
-    if jobs <= 1:
-        for name, feats in feature_sets.items():
-            yield _score_named(name, feats, labels, cfg)
-        return
+def _process_pool(feature_sets, labels, jobs):
+    """`jobs` forked worker processes that inherit the features, the BLAS threads divided among them."""
     import concurrent.futures as cf
     import multiprocessing as mp
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_init,
-                                initargs=(threads, dict(feature_sets), labels, cfg)) as pool:
-        futures = [pool.submit(_pool_score, name) for name in feature_sets]
-        for future in cf.as_completed(futures):
-            yield future.result()
+    return cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_init,
+                                  initargs=(threads, dict(feature_sets), labels))
+
+
+@contextlib.contextmanager
+def make_executor(scheduler):
+    """An executor for rank()/score_grid() on a Dask cluster (the optional `cluster` extra):
+    scheduler "local:N" starts a LocalCluster of N single-threaded worker processes on this machine;
+    anything else is the address of a running scheduler ("tcp://host:8786"). A task whose worker dies
+    is retried on another (twice); one that keeps failing is reported, not lost."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--scheduler needs Dask: pip install 'itm-transferability[cluster]'") from None
+    with contextlib.ExitStack() as stack:
+        if scheduler.startswith("local:"):
+            workers = scheduler[len("local:"):]
+            if not workers.isdigit() or int(workers) < 1:
+                raise ValueError(f"--scheduler local:N needs N ≥ 1 workers, got {scheduler!r}")
+            cluster = stack.enter_context(LocalCluster(n_workers=int(workers), threads_per_worker=1,
+                                                       processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        else:
+            try:
+                client = stack.enter_context(Client(scheduler, timeout="20s"))
+            except (OSError, TimeoutError) as err:
+                raise ValueError(f"cannot reach the Dask scheduler {scheduler}: {one_line(err)}") from None
+        yield _DaskExecutor(client)
+
+
+class _DaskExecutor:
+    """client.get_executor() plus share(): features scattered to the workers once, used by every task."""
+
+    def __init__(self, client):
+        self.client, self._executor = client, client.get_executor(retries=2, pure=False)
+
+    def submit(self, fn, *args, **kwargs):
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def share(self, obj):
+        return self.client.scatter(obj, broadcast=False)
 
 
 def weighted_tau(scores, truth):
@@ -1629,88 +1710,237 @@ def run_cli(prog, body, argv=None):
 
 
 def _parser():
-    p = CLIParser(prog="itm", description="Rank pre-trained models by ITM transferability score.")
-    p.add_argument("--features", help=".npz with one N×D array per model (and optionally 'labels')")
+    p = CLIParser(prog="itm", description="Rank pre-trained models by ITM transferability score "
+                  "(higher = predicted to fine-tune better). Without --features: the bundled example.",
+                  epilog="Every choice the paper leaves open, and the measurements behind the defaults: "
+                  "DESIGN.md in the project repository.")
+    p.add_argument("--features", help="an .npz with one N×D array per model (and 'labels'), a single "
+                   "model's .npy (with --labels), or a folder of <model>.npy files and labels.npy")
     p.add_argument("--labels", help=".npy of N labels (ints or strings)")
-    p.add_argument("--models", help="comma-separated subset of the npz's models")
-    p.add_argument("--truth", help="JSON {model: fine-tuned accuracy}: adds weighted Kendall τ_w")
+    p.add_argument("--models", help="comma-separated subset of the models")
+    p.add_argument("--truth", help="JSON {model: fine-tuned accuracy}, or a ground-truth file "
+                   "{target: {model: accuracy}}: adds the fine-tuned column and weighted Kendall τ_w")
+    p.add_argument("--target", help="which table of a multi-target --truth file (default: the features' "
+                   "file name, or the only table)")
     p.add_argument("--out", help="also write the ranking to this CSV file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--plot", metavar="FILE", help="draw every model's score ± sd (against its fine-tuned "
+                   "accuracy with --truth) into FILE (.png, .pdf, .svg; needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--jobs", type=int, default=1, help="score this many models in parallel processes")
-    cfg = p.add_argument_group("ITM options (defaults as in the paper / SPEC)")
+    p.add_argument("--scheduler", help="score on a Dask cluster: a scheduler address (tcp://host:8786), "
+                   "or local:N for N worker processes on this machine (needs the cluster extra)")
+    p.add_argument("--preset", default="default", choices=("default", "paper", "authors"),
+                   help="default: this implementation; paper: raw features, one 4/5 : 1/5 split; authors: "
+                   "the authors' code as described (the options below override it)")
+    group = p.add_argument_group("ITM options (default: the value shown)")
     for f in dataclasses.fields(Config):
         flag, help_ = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default {f.default})"
         if isinstance(f.default, bool):
-            cfg.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_,
+                               dest=f.name)
         else:
             kind = {"float": float, "str": str}.get(type(f.default).__name__, int)
-            cfg.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                             help=help_, dest=f.name)
+            group.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
+                               help=help_, dest=f.name)
     return p
 
 
-def _write_csv_atomic(path, rows):
-    def write(fh):
-        writer = csv.writer(fh)
-        writer.writerow(["rank", "model", "score", "n", "seconds", "diverged"])
-        writer.writerows(rows)
-    write_atomic(path, write)
+def _cli_config(args):
+    """The Config of the command line: the preset, then every option given; errors name the flag."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    try:
+        return preset(args.preset, **given)
+    except (ValueError, TypeError) as err:
+        raise ValueError(re.sub(r"Config\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))) \
+            from None
 
 
-def _report(ranking, truth, args, source):
-    rows = [(i + 1, name, f"{r.score:.2f}", r.n, f"{r.seconds:.2f}", r.diverged)
-            for i, (name, r) in enumerate(ranking)]
-    tau = None
-    if truth is not None:
-        missing = [name for name, _ in ranking if name not in truth]
-        if missing:
-            raise ValueError(f"truth file has no accuracy for model(s): {', '.join(missing)}")
-        valid = [(r.score, truth[name]) for name, r in ranking if not r.diverged]
-        tau = weighted_tau(*zip(*valid)) if len(valid) >= 2 else float("nan")
+def _check_args(args):
+    """Everything that can be checked before any work starts."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+    if args.scheduler is not None and args.jobs != 1:
+        raise ValueError("give --jobs or --scheduler, not both")
+    if args.features is None and (args.labels or args.models):
+        raise ValueError("--labels/--models need --features")
+    for option in ("out", "plot"):
+        path = getattr(args, option)
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            raise ValueError(f"--{option} {path}: not a file in an existing folder")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'itm-transferability[plot]'") from None
+
+
+def _within_noise(a, b):
+    """Is the difference between two models' scores within noise? Their fold scores are paired (the
+    same folds for every model): yes when |mean of the differences| ≤ 2 standard errors of that mean."""
+    d = np.subtract(a.fold_scores, b.fold_scores)
+    if d.size < 2 or a.diverged or b.diverged or a.error or b.error:
+        return False
+    return bool(abs(d.mean()) <= 2.0 * d.std(ddof=1) / math.sqrt(d.size))
+
+
+def _at_chance(r):
+    """Chance level plus noise: the most frequent class's rate plus two binomial standard errors of an
+    accuracy at that rate over the scored samples."""
+    c = r.chance / 100.0
+    return not math.isnan(r.score) and r.score <= 100.0 * (c + 2.0 * math.sqrt(c * (1 - c) / max(r.n_scored, 1)))
+
+
+def _tau(ranking, truth):
+    if truth is None:
+        return None
+    missing = [name for name, _ in ranking if name not in truth]
+    if missing:
+        raise ValueError(f"truth has no accuracy for model(s): {', '.join(missing)}")
+    valid = [(r.score, truth[name]) for name, r in ranking if not math.isnan(r.score)]
+    return weighted_tau(*zip(*valid)) if len(valid) >= 2 else float("nan")
+
+
+def _score_text(r):
+    if r.error:
+        return "n/a"
+    if math.isnan(r.score):
+        return "nan"
+    return f"{r.score:.2f}" + (f" ± {r.sd:.2f}" if not math.isnan(r.sd) else "")
+
+
+def _report(ranking, truth, args, dataset, cfg):
+    tau = _tau(ranking, truth)
+    close = [i > 0 and _within_noise(ranking[i - 1][1], r) for i, (_, r) in enumerate(ranking)]
     if args.out:
-        _write_csv_atomic(args.out, rows)
+        _write_csv_atomic(args.out, ranking, close)
+    if args.plot:
+        _plot(args.plot, ranking, truth, dataset)
     if args.json:
-        print(json.dumps({"source": source, "ranking": [
-            {"rank": i + 1, "model": name, "score": None if r.diverged else r.score, "n": r.n,
-             "seconds": r.seconds, "diverged": r.diverged, "trajectory": r.trajectory}
-            for i, (name, r) in enumerate(ranking)], "weighted_tau": tau}))
+        print(json.dumps(_json(ranking, close, tau, dataset, cfg)))
         return
     width = max(len("model"), *(len(name) for name, _ in ranking))
     extra = f"  {'fine-tuned':>10}" if truth is not None else ""
-    print(f"{'rank':>4}  {'model':<{width}}  {'score':>6}  {'n':>4}  {'seconds':>7}{extra}")
-    for rank_, name, score, n, secs, diverged in rows:
+    print(f"{'rank':>5}  {'model':<{width}}  {'score ± sd':>13}  {'n':>4}  {'seconds':>7}{extra}")
+    for i, (name, r) in enumerate(ranking):
         extra = f"  {truth[name]:>10.4g}" if truth is not None else ""
-        print(f"{rank_:>4}  {name:<{width}}  {'nan' if diverged else score:>6}  {n:>4}  {secs:>7}{extra}")
+        mark = "≈" if close[i] else " "
+        print(f"{i + 1:>4}{mark}  {name:<{width}}  {_score_text(r):>13}  {r.n:>4}  {r.seconds:>7.2f}{extra}"
+              + (f"  ({r.error})" if r.error else ""))
+    if any(close):
+        print("≈ within noise of the model above (their fold-paired difference is within 2 standard errors)")
     if tau is not None:
         print(f"weighted Kendall tau_w vs fine-tuned accuracy: {tau:.3f}")
 
 
+def _json(ranking, close, tau, dataset, cfg):
+    finite = lambda v: None if v is None or math.isnan(v) else v  # noqa: E731
+    rows = [{"rank": i + 1, "model": name, "score": finite(r.score), "sd": finite(r.sd),
+             "fold_scores": r.fold_scores, "within_noise_of_previous": close[i], "n": r.n, "fold_n": r.fold_n,
+             "seconds": r.seconds, "diverged": r.diverged, "error": r.error or None, "chance": finite(r.chance),
+             "trajectory": r.trajectory} for i, (name, r) in enumerate(ranking)]
+    return {"dataset": dataset, "method": "ITM", "config": dataclasses.asdict(cfg),
+            "scores": {"ITM": {name: finite(r.score) for name, r in ranking}},
+            "ranking": rows, "weighted_tau": None if tau is None else finite(tau)}
+
+
+def _write_csv_atomic(path, ranking, close):
+    def write(fh):
+        writer = csv.writer(fh)
+        writer.writerow(["rank", "model", "score", "sd", "within_noise_of_previous", "n", "seconds",
+                         "diverged", "error"])
+        for i, (name, r) in enumerate(ranking):
+            writer.writerow([i + 1, name, f"{r.score:.4f}", f"{r.sd:.4f}", close[i], r.n, f"{r.seconds:.2f}",
+                             r.diverged, r.error])
+    write_atomic(path, write)
+
+
+def _plot(path, ranking, truth, dataset):
+    """Every model's score ± sd: against its fine-tuned accuracy with truth, else in ranking order."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [(name, r) for name, r in ranking if not math.isnan(r.score)]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    x = [truth[name] for name, _ in ok] if truth is not None else list(range(1, len(ok) + 1))
+    ax.errorbar(x, [r.score for _, r in ok], yerr=[np.nan_to_num(r.sd) for _, r in ok], fmt="o", capsize=3)
+    for xi, (name, r) in zip(x, ok):
+        ax.annotate(name, (xi, r.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("fine-tuned accuracy" if truth is not None else "rank")
+    ax.set_ylabel("ITM score (%), mean ± sd over folds")
+    ax.set_title(f"ITM on {dataset}")
+    fig.tight_layout()
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    write_atomic(path, lambda fh: fig.savefig(fh, format=fmt), binary=True)
+    plt.close(fig)
+
+
+def _compile_note():
+    """The first run compiles the numba kernels (cached beside this file afterwards): say so."""
+    if not (HAVE_NUMBA and USE_NUMBA):
+        return None
+    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                               "__pycache__")
+    stem = os.path.splitext(os.path.basename(__file__))[0]
+    if os.path.isdir(cache) and any(f.startswith(stem + ".") and f.endswith(".nbi") for f in os.listdir(cache)):
+        return None
+    return "itm: compiling the numba kernels (first run only; cached for later runs)"
+
+
 def main(argv=None) -> int:
+    return run_cli("itm", _main, argv)
+
+
+def _main(argv):
     args = _parser().parse_args(argv)
-    cfg_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    cfg = _cli_config(args)
+    _check_args(args)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        cfg = Config(**cfg_kwargs)
-        if args.features is None:
-            if args.labels or args.models:
-                raise ValueError("--labels/--models need --features")
-            feature_sets, labels, truth, source = bundled_example()
-            log(f"itm: no --features given; running the {source}")
-        else:
-            models = args.models.split(",") if args.models else None
-            feature_sets, labels = load_features(args.features, args.labels, models)
-            truth, source = (load_truth(args.truth) if args.truth else None), args.features
-        progress = lambda i, total, name, r: log(  # noqa: E731
-            f"[{i}/{total}] {name}: score {r.score:.2f} (n={r.n}, {r.seconds:.2f} s)")
-        if args.jobs < 1:
-            raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
-        ranking = rank(feature_sets, labels, cfg, progress=progress, jobs=args.jobs)
-        _report(ranking, truth, args, source)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"itm: error: {err}", file=sys.stderr)
-        return 1
+    if args.features is None:
+        feature_sets, labels, truth, source = bundled_example()
+        dataset = "flowers17_8models" if "Flowers-17" in source else "synthetic"
+        log(f"itm: no --features given; running the {source}")
+    else:
+        models = args.models.split(",") if args.models else None
+        feature_sets, labels = load_features(args.features, args.labels, models)
+        dataset = dataset_name(args.features)
+        truth = load_truth(args.truth, args.target or _table_for(args.truth, dataset)) if args.truth else None
+    if np.ndim(labels) == 1:
+        encode_labels(labels)                            # bad labels fail once, before any model runs
+    note = _compile_note()
+    if note:
+        log(note)
+    progress = lambda i, total, name, r: log(  # noqa: E731
+        f"[{i}/{total}] {name}: " + (f"n/a ({r.error})" if r.error else
+                                     f"score {_score_text(r)} (n={r.n}, {r.seconds:.2f} s)"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with (make_executor(args.scheduler) if args.scheduler else contextlib.nullcontext()) as executor:
+            ranking = rank(feature_sets, labels, cfg, progress=progress, jobs=args.jobs, executor=executor,
+                           errors="report")
+    failed = [(name, r) for name, r in ranking if r.error]
+    if len(failed) == len(ranking):                      # nothing to rank: the first reason, exit 1
+        raise ValueError(failed[0][1].error)
+    for w in caught:
+        print(f"itm: warning: {one_line(w.message)}", file=sys.stderr)
+    for name, r in failed:
+        print(f"itm: warning: {r.error}; ranked last as n/a", file=sys.stderr)
+    for name, r in ranking:
+        if _at_chance(r):
+            print(f"itm: warning: model {name!r} scores at chance ({r.score:.2f} ≤ {r.chance:.2f} + noise): "
+                  "its features carry little class information here", file=sys.stderr)
+    _report(ranking, truth, args, dataset, cfg)
     return 0
+
+
+def _table_for(path, dataset):
+    """The truth table named like the dataset, when the truth file has one (else let load_truth decide)."""
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return None                                      # load_truth reports it
+    return dataset if isinstance(doc, dict) and isinstance(doc.get(dataset), dict) else None
 
 
 if __name__ == "__main__":
