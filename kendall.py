@@ -670,9 +670,7 @@ def _clean(scores, truth):
         truth[label], zeros[label] = _drop_zero_truth(table, f"{label}: ")
     kept, nulls = {}, {}
     for method, cols in scores.items():
-        for label, values in cols.items():
-            if not isinstance(values, Mapping):
-                raise ValueError(f"{method}: {label}: scores must be a {{model: score}} mapping")
+        for label, values in cols.items():  # {model: value}: the shapes _load_scores accepts
             null = [m for m, v in values.items() if v is None and m not in zeros[label]]
             if null:
                 warnings.warn(f"{method}: {label}: no score (null) for {', '.join(null)}: dropped")

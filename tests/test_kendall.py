@@ -489,7 +489,8 @@ def test_cli_truth_table_choice(tmp_path, capsys):
     flat = write(tmp_path, "flat.json", ACC)
     one = write(tmp_path, "one.json", {"protocol": "x", "toy": ACC})
     ref, ref_rev = kendall.weighted_tau(sc, ACC), kendall.weighted_tau(sc, rev)
-    named, unnamed = write(tmp_path, "n.json", common("toy", {"M": sc})), write(tmp_path, "u.json", common(None, {"M": sc}))
+    named = write(tmp_path, "n.json", common("toy", {"M": sc}))
+    unnamed = write(tmp_path, "u.json", common(None, {"M": sc}))
     other = write(tmp_path, "o.json", common("zoo", {"M": sc}))
 
     def tau(argv):
@@ -511,11 +512,12 @@ def test_cli_truth_table_choice(tmp_path, capsys):
         assert code == 1 and out == "" and err.count("\n") == 1 and message in err, err
 
 
-@pytest.mark.skipif(not (SHARED / "te_bench" / "groundtruth.json").exists(), reason="no shared/ beside the repo")
 def test_cli_reads_the_bench_ground_truth(tmp_path, capsys):
+    # shared/ sits beside the checkout in CI; its groundtruth.json has metadata entries besides the tables.
     path = SHARED / "te_bench" / "groundtruth.json"
     acc = json.loads(path.read_text())["flowers17"]
-    sp = write(tmp_path, "s.json", common("flowers17", {"truth_itself": acc, "reversed": {m: -a for m, a in acc.items()}}))
+    sp = write(tmp_path, "s.json", common("flowers17", {"truth_itself": acc,
+                                                        "reversed": {m: -a for m, a in acc.items()}}))
     code, out, err = run(["--scores", sp, "--truth", str(path), "--json", "--metric", "tau_w,rel1"], capsys)
     assert code == 0, err
     res = json.loads(out)
@@ -527,7 +529,8 @@ def test_cli_reads_the_bench_ground_truth(tmp_path, capsys):
 def test_cli_legacy_shapes_mix_with_the_common_one(tmp_path, capsys):
     truth = {"d1": ACC, "d2": {"a": 1.0, "b": 3.0, "c": 2.0}}
     tp = write(tmp_path, "t.json", truth)
-    legacy1 = write(tmp_path, "probe.json", {"d1": {m: a + 0.01 for m, a in ACC.items()}, "d2": {"a": 1, "b": 2, "c": 3}})
+    legacy1 = write(tmp_path, "probe.json", {"d1": {m: a + 0.01 for m, a in ACC.items()},
+                                             "d2": {"a": 1, "b": 2, "c": 3}})
     legacy3 = write(tmp_path, "l3.json", {"X": {"d2": {"a": 3.0, "b": 2.0, "c": 1.0}}})
     new = write(tmp_path, "new.json", common("d1", {"X": {m: -a for m, a in ACC.items()}}))
     code, out, err = run(["--scores", f"{legacy1},{legacy3},{new}", "--truth", tp, "--json"], capsys)
