@@ -88,8 +88,8 @@ PROG = "bench/accuracy.py"
 SEEDS = 10                 # ITM seeds of the default row: 0 … SEEDS−1
 METRICS = ("tau_w", "tau", "rho", "rel1")
 TABLE1 = ("logme", "nleep", "parc", "sfda", "etran", "ped", "sa")   # the paper's Table 1: shown even if missing
-BASELINE_ORDER = ("logme", "logme_published", "nleep", "parc", "sfda", "etran", "ped", "sa",
-                  "hscore", "reg_hscore", "transrate", "gbc", "ncti", "leep", "nce")
+BASELINE_ORDER = ("logme", "logme_published", "logme_icml", "nleep", "parc", "sfda", "etran", "ped", "sa",
+                  "hscore", "reg_hscore", "transrate", "transrate_published", "gbc", "ncti", "leep", "nce")
 POOL_RELATIVE = ("etran", "ncti", "sa")
 NOT_APPLICABLE = {"leep": "needs source-model logits, not in the features",
                   "nce": "needs source-model logits, not in the features"}
@@ -166,7 +166,12 @@ def read_groundtruth(bench_dir):
     path = Path(bench_dir) / "groundtruth.json"
     if not path.exists():
         return {}, {}
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {itm.one_line(err)}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} must be a JSON object {{target: {{model: fine-tuned accuracy}}}}")
     tables = {}
     for name, value in doc.items():
         if name not in ("protocol", "details") and isinstance(value, dict) and value:
@@ -376,14 +381,21 @@ def _itm_task(cfg, feats, labels):
             "trajectory": [[int(it), float(acc)] for it, acc in r.trajectory]}
 
 
+def _shared(executor, features):
+    """{model: features or a reference to them}: an executor with share() (itm.make_executor's) sends
+    each array to the workers once instead of with every task."""
+    share = getattr(executor, "share", None)
+    return {m: share(f) for m, f in features.items()} if callable(share) else features
+
+
 def itm_runs(target, cfg, seeds, executor=None, cache=None, quiet=False):
     """One run of the pool per seed: [{"seed", "seconds" (wall per seed), "results": {model: task}}].
     cache: {(target, Config with seed): run}, so a (Config, seed) two rows share is run once."""
     cache = {} if cache is None else cache
     todo = [s for s in seeds if (target.name, dataclasses.replace(cfg, seed=s)) not in cache]
     if todo:
-        models = list(target.features)
-        tasks = [(_itm_task, (dataclasses.replace(cfg, seed=s), target.features[m], target.labels))
+        models, feats = list(target.features), _shared(executor, target.features)
+        tasks = [(_itm_task, (dataclasses.replace(cfg, seed=s), feats[m], target.labels))
                  for s in todo for m in models]
 
         def progress(i, total, out):
@@ -497,8 +509,9 @@ def run_baseline(name, target, settings=Settings(), executor=None):
     if baseline_fn(name) is None:
         return _na("not in baselines.py")
     start = time.perf_counter()
+    feats = _shared(executor, target.features)
     outs = dict(zip(target.features, score_pool(
-        [(_baseline_task, (name, f, target.labels)) for f in target.features.values()], executor)))
+        [(_baseline_task, (name, f, target.labels)) for f in feats.values()], executor)))
     errors = {m: o["error"] for m, o in outs.items() if o["error"]}
     values = {m: o["value"] for m, o in outs.items() if not o["error"]}
     if name in POOL_RELATIVE and values:
@@ -632,6 +645,14 @@ def _choices(name, fallback=()):
     return tuple(fallback)
 
 
+def _preset(name, options):
+    """itm.preset(name) with the --itm options that do not touch what the preset sets (a preset keeps
+    its protocol; options such as iterations apply to every row)."""
+    own, ref = itm.preset(name), itm.Config()
+    keep = {k: v for k, v in (options or {}).items() if getattr(own, k) == getattr(ref, k)}
+    return itm.preset(name, **keep)
+
+
 def ablation_variants(base, spec, options=None):
     """[(key, group, tag, Config or why not)]: the default, then one option varied at a time."""
     rows = [("default", "default", "default", base)]
@@ -640,7 +661,7 @@ def ablation_variants(base, spec, options=None):
     for k in spec.folds:
         rows.append((f"folds={k}", "folds", None, lambda k=k: dataclasses.replace(base, folds=k)))
     for name, tag in PRESET_TAGS.items():
-        rows.append((f"preset={name}", "preset", tag, lambda name=name: itm.preset(name, **(options or {}))))
+        rows.append((f"preset={name}", "preset", tag, lambda name=name: _preset(name, options)))
     if spec.readings:
         for field in READING_FIELDS:
             default = getattr(base, field)
