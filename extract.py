@@ -313,7 +313,7 @@ def convert_vit_state(state: dict, depth: int, pool: str, mim: bool) -> tuple[di
     table = _vit_key_table(depth, pooled_norm, rel)
     if pooled_norm and "fc_norm.weight" not in state:
         table = [(s, d) for s, d in table if not s.startswith("fc_norm.")]
-    _check_keys(state, [s for s, _ in table])
+    _check_keys(state, [s for s, _ in table], "the ViT layout")
     mapped = {d: state[s] for s, d in table}
     return mapped, {"pooled_norm": pooled_norm, "rel_pos_bias": rel, "notes": notes}
 
@@ -322,17 +322,21 @@ def _names(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _check_keys(state: dict, expected: list[str]) -> None:
-    unknown = [k for k in state if k not in set(expected)]
+def _check_keys(state: dict, expected, what: str) -> None:
+    """A one-line error naming what does not fit `expected` (key names, or a state dict whose shapes count)."""
+    expected = expected if isinstance(expected, dict) else dict.fromkeys(expected)
     missing = [k for k in expected if k not in state]
-    if unknown or missing:
-        parts = ([f"unknown keys: {_names(unknown)}"] if unknown else []) + \
-                ([f"missing keys: {_names(missing)}"] if missing else [])
-        raise ExtractError("checkpoint does not match the ViT layout: " + "; ".join(parts))
+    unknown = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if v is not None and k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{label}: {_names(keys, n)}" for label, keys, n in
+             (("missing keys", missing, 8), ("unknown keys", unknown, 8), ("shape mismatch", shapes, 4)) if keys]
+    if parts:
+        raise ExtractError(f"checkpoint does not match {what}: " + "; ".join(parts))
 
 
 def vit_from_state(state: dict, spec: ViTSpec, pool: str | None = None) -> tuple[ViTFeatures, dict]:
-    """Build the ViTFeatures of `spec` from an official-layout state dict (see the docstring's table)."""
+    """Build the ViTFeatures of `spec` from an official-layout state dict (see ``_vit_key_table``)."""
     pool = pool or spec.pool
     mapped, layout = convert_vit_state(state, spec.depth, pool, spec.mim)
     model = new_vit_features(spec, pool, layout["pooled_norm"], layout["rel_pos_bias"])
@@ -347,16 +351,7 @@ def vit_from_state(state: dict, spec: ViTSpec, pool: str | None = None) -> tuple
 
 def _load_exact(model: nn.Module, state: dict, arch: str) -> None:
     """load_state_dict(strict) with a one-line error listing what does not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unknown = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unknown or shapes:
-        parts = ([f"missing keys: {_names(missing)}"] if missing else []) + \
-                ([f"unknown keys: {_names(unknown)}"] if unknown else []) + \
-                ([f"shape mismatch: {_names(shapes, 4)}"] if shapes else [])
-        raise ExtractError(f"checkpoint does not match architecture {arch}: " + "; ".join(parts))
+    _check_keys(state, model.state_dict(), f"architecture {arch}")
     model.load_state_dict(state, strict=True)
 
 
@@ -559,8 +554,8 @@ def _is_global_pool(module) -> bool:
 
 
 def dense_model(model: nn.Module, arch: str) -> nn.Module:
-    """A model of ``build_model`` -> images B x 3 x H x W to its dense features B x h x w x D (see the
-    module docstring: ViT patch tokens, or the last CNN feature map before global pooling)."""
+    """A model of ``build_model`` -> images B x 3 x H x W to its dense features B x h x w x D: a ViT's patch
+    tokens after its final norm, a CNN's last feature map before its global pool (channels last)."""
     tv = torchvision.models
     if isinstance(model, ViTFeatures):
         return DenseViT(model)
@@ -1088,7 +1083,7 @@ def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, dense: b
     want = {"dataset": dataset, "split": split, "limit": limit, **({"dense": True, "size": size} if dense else {})}
     arrays, meta = read_output(out)
     _check_same_data(arrays, meta, want, out)
-    todo = [m for m in models if m not in arrays]
+    todo = list(dict.fromkeys(m for m in models if m not in arrays))
     for m in todo:
         _check_model(m, checkpoint, arch, pool)
     if not todo:
@@ -1177,8 +1172,8 @@ def _same_labels(stored: np.ndarray, new: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extract.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = itm.CLIParser(prog="extract.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="", help="comma-separated model names (--list shows them)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}; with --dense: {', '.join(SEG_DATASETS)}")
     p.add_argument("--root", help="dataset directory (or the .npz for --dataset npz)")
@@ -1186,11 +1181,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     p.add_argument("--out", help="output .npz (resumed if it exists)")
     p.add_argument("--labels-out", help="also write the labels as .npy")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (>= 1)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes (>= 0; 0: in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--limit", type=int, help="random subset of N images (seed 0), for a quick look")
+    p.add_argument("--limit", type=int, help="random subset of N >= 1 images (seed 0), for a quick look")
     p.add_argument("--pool", choices=["cls", "mean"], help="ViT pooling (default: the model's own)")
     p.add_argument("--checkpoint", help="local weights file (with --arch)")
     p.add_argument("--arch", help="architecture of --checkpoint: a torchvision name or an SSL ViT name")
@@ -1200,8 +1196,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="--dense: resize (shorter side) + center crop to SIZE x SIZE "
                                             "(default 224)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--list", action="store_true", help="list models and datasets, then exit")
+    p.add_argument("--list", action="store_true",
+                   help="list the models (pooling, preprocessing, weights) and datasets, then exit")
     return p
+
+
+_FEATURES = [  # torchvision families whose feature (the input of the last Linear) is not a plain average pool
+    (("vit_",), "class token after the final LayerNorm"),
+    (("convnext",), "global average pool + LayerNorm"),
+    (("swin",), "LayerNorm + global average pool"),
+    (("alexnet", "maxvit", "mobilenet_v3", "vgg"), "hidden layer before the last Linear"),
+]
+
+
+def _list_row(name: str) -> tuple[str, str, str, str]:
+    """(name, feature with the default pooling, preprocessing, weights) of a model, for --list."""
+    spec = SSL_VITS.get(name)
+    weights = None if spec else _torchvision_weights(name, None)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if spec is not None:
+        pooling = ("mean of the patch tokens + LayerNorm (fc_norm)" if spec.pool == "mean"
+                   else "class token after the final LayerNorm")
+        prep, source = f"Resize({spec.image_size}, bicubic) + CenterCrop({spec.image_size})", spec.url or spec.source
+    else:
+        pooling = next((text for prefixes, text in _FEATURES if name.startswith(prefixes)), "global average pool")
+        t = weights.transforms()
+        prep = f"Resize({t.resize_size[0]}, {t.interpolation.value}) + CenterCrop({t.crop_size[0]})"
+        mean, std, source = tuple(t.mean), tuple(t.std), str(weights)
+    imagenet = (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+    return name, pooling, prep + (" + ImageNet mean/std" if imagenet else f" + mean {mean} std {std}"), source
+
+
+def _print_list() -> None:
+    rows = [_list_row(name) for name in available_models()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    print("models (name, feature with the default pooling, preprocessing, weights):")
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    print("datasets:", " ".join(DATASETS))
+    print("segmentation datasets (--dense):", " ".join(SEG_DATASETS))
 
 
 def _model_names(args) -> list[str]:
@@ -1217,39 +1250,26 @@ def _model_names(args) -> list[str]:
     return names or [Path(args.checkpoint).name.split(".")[0]]
 
 
-def _run_cli(args) -> int:
+def _run(args) -> int:
     if args.list:
-        print("models:", " ".join(available_models()))
-        print("datasets:", " ".join(DATASETS))
-        print("segmentation datasets (--dense):", " ".join(SEG_DATASETS))
-        print("preprocessing of the paper's models and the SFDA CNNs:")
-        for name in dict.fromkeys(PAPER_MODELS + SFDA_CNNS):
-            print(f"  {name:15s} {preprocessing(name)}")
+        _print_list()
         return 0
     if args.dataset is None or args.out is None:
         raise ExtractError("--dataset and --out are required")
     names = _model_names(args)
-    if args.checkpoint is not None and args.arch is not None and args.arch not in available_models():
-        raise ExtractError(f"unknown model {args.arch!r}; valid: {', '.join(available_models())}")
-    if args.dense:
-        if args.pool is not None:
-            raise ExtractError("--pool does not apply to --dense (ViTs give their patch tokens)")
-        arrays, done = extract_dense_to_npz(
-            names, args.dataset, args.out, root=args.root, split=args.split, download=args.download,
-            limit=args.limit, size=224 if args.size is None else args.size, checkpoint=args.checkpoint,
-            arch=args.arch, random_init=args.random_init, batch_size=args.batch_size, workers=args.workers,
-            device=args.device, dtype=args.dtype, progress=not args.quiet)
-    else:
-        if args.size is not None:
-            raise ExtractError("--size applies to --dense only")
-        arrays, done = extract_to_npz(
-            names, args.dataset, args.out, root=args.root, split=args.split, download=args.download,
-            limit=args.limit, checkpoint=args.checkpoint, arch=args.arch, pool=args.pool,
-            random_init=args.random_init, batch_size=args.batch_size, workers=args.workers,
-            device=args.device, dtype=args.dtype, progress=not args.quiet)
+    if args.size is not None and not args.dense:
+        raise ExtractError("--size applies to --dense only")
+    if args.labels_out:
+        _check_out(Path(args.labels_out), "--labels-out")
+    arrays, done = extract_to_npz(
+        names, args.dataset, args.out, dense=args.dense, root=args.root, split=args.split,
+        download=args.download, limit=args.limit, size=224 if args.size is None else args.size,
+        checkpoint=args.checkpoint, arch=args.arch, pool=args.pool, random_init=args.random_init,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+        progress=not args.quiet)
     if args.labels_out:
         Path(args.labels_out).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(Path(args.labels_out), lambda f: np.save(f, arrays["labels"]))
+        itm.write_atomic(args.labels_out, lambda f: np.save(f, arrays["labels"]), binary=True)
     skipped = [m for m in names if m not in done]
     if skipped:
         print(f"already in {args.out}: {', '.join(skipped)}", file=sys.stderr)
@@ -1257,16 +1277,20 @@ def _run_cli(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run_cli(args)
-    except ExtractError as exc:
-        print(f"extract.py: error: {exc}", file=sys.stderr)
-        return 1
+        status = _run(args)
+        sys.stdout.flush()  # inside run_cli: a reader that left (`| head`) ends the run quietly
+        return status
     except KeyboardInterrupt:
-        print(f"\nextract.py: interrupted; finished models are in {args.out}", file=sys.stderr)
+        where = f"; finished models are in {args.out}" if args.out else ""
+        print(f"\nextract.py: interrupted{where}", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return itm.run_cli("extract.py", _main, argv)
 
 
 if __name__ == "__main__":

