@@ -1310,26 +1310,41 @@ def _config(config, overrides):
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def _score(features, labels, cfg):
-    """Every fold of one model: train on the other folds, score this one; aggregate."""
+def _score(features, labels, cfg, threads=1):
+    """Every fold of one model: train on the other folds, score this one; aggregate. threads > 1 runs
+    that many folds at once, each on one BLAS thread (the folds are independent: the same scores)."""
     start = time.perf_counter()
     data = prepare(np.asarray(features) if not isinstance(features, np.ndarray) else features, labels, cfg)
-    runs, n, scored = [], [], 0
-    for fold in range(cfg.folds):
-        plan = _plan(data, cfg, fold)
-        n.append(plan.n)
-        scored += plan.score_idx.size
-        try:
-            runs.append(train(data.E, plan, cfg))
-        except Diverged as err:
-            note = f"fold {fold + 1} of {cfg.folds}: {err}" if cfg.folds > 1 else str(err)
+    plans = [_plan(data, cfg, fold) for fold in range(cfg.folds)]
+    n = [plan.n for plan in plans]
+    runs = _map_folds(lambda plan: _fold_run(data, plan, cfg), plans, threads)
+    for plan, run in zip(plans, runs):
+        if isinstance(run, Diverged):
+            note = f"fold {plan.fold + 1} of {cfg.folds}: {run}" if cfg.folds > 1 else str(run)
             return Result(float("nan"), [], int(np.median(n)), time.perf_counter() - start, True, None, note,
                           fold_n=n, chance=_chance(data.y))
     best = [max(acc for _, acc in trajectory) for trajectory, _ in runs]
     trajectory = [(t, float(np.mean([traj[i][1] for traj, _ in runs]))) for i, (t, _) in enumerate(runs[0][0])]
     return Result(float(np.mean(best)), trajectory, int(np.median(n)), time.perf_counter() - start, False,
                   runs[0][1], fold_scores=best, sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"),
-                  chance=_chance(data.y), fold_n=n, n_scored=scored)
+                  chance=_chance(data.y), fold_n=n, n_scored=sum(plan.score_idx.size for plan in plans))
+
+
+def _fold_run(data, plan, cfg):
+    try:
+        return train(data.E, plan, cfg)
+    except Diverged as err:
+        return err
+
+
+def _map_folds(run, plans, threads):
+    """[run(plan) for plan in plans], on up to `threads` threads that share one BLAS thread each."""
+    threads = min(int(threads), len(plans))
+    if threads <= 1:
+        return [run(plan) for plan in plans]
+    import concurrent.futures as cf
+    with _one_blas_thread(), cf.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, plans))
 
 
 def _chance(y):
@@ -1342,10 +1357,11 @@ def itm_score(features, labels, config=None, **overrides) -> Result:
     """ITM transferability score of one model: features N×D, labels N (higher score = better model).
 
     Raises ValueError on bad input. A run whose propagation diverges returns score NaN with
-    Result.diverged set, and warns — it is never reported as a chance-level score.
+    Result.diverged set, and warns — it is never reported as a chance-level score. The folds run
+    concurrently on the machine's cores (the same scores as one after the other).
     """
     cfg = _config(config, overrides)
-    result = _score(features, labels, cfg)
+    result = _score(features, labels, cfg, _cores())
     if result.diverged:
         warnings.warn(f"ITM diverged ({result.note}); score is NaN", RuntimeWarning, stacklevel=2)
     return result
@@ -1393,11 +1409,15 @@ def score_grid(feature_sets, labels, configs, progress=None, jobs=1, executor=No
     return [{name: done[name, i] for name in feature_sets} for i in range(len(configs))]
 
 
-def _score_named(name, feats, labels, cfg):
+def _cores():
+    return os.cpu_count() or 1
+
+
+def _score_named(name, feats, labels, cfg, threads=1):
     """A model's Result, or the ValueError (naming the model) that its input raised — returned, not
     raised, so an executor neither logs nor retries a failure that would only repeat."""
     try:
-        return _score(feats, labels, cfg)
+        return _score(feats, labels, cfg, threads)
     except ValueError as err:
         return ValueError(f"model {name!r}: {err}")
 
@@ -1406,7 +1426,7 @@ def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
     """Yield ((name, config index), Result or the exception it raised) as tasks finish."""
     if executor is None and min(int(jobs), len(tasks)) <= 1:
         for name, i in tasks:
-            yield (name, i), _score_named(name, feature_sets[name], labels, configs[i])
+            yield (name, i), _score_named(name, feature_sets[name], labels, configs[i], _cores())
         return
     import concurrent.futures as cf
     with contextlib.ExitStack() as stack:
@@ -1430,13 +1450,13 @@ _POOL = {}  # what a worker process scores (forked workers inherit the features 
 
 
 def _pool_init(threads, feature_sets, labels):
-    _POOL.update(sets=feature_sets, labels=labels)
+    _POOL.update(sets=feature_sets, labels=labels, threads=threads)
     if ThreadpoolController is not None:
         _POOL["limit"] = ThreadpoolController().limit(limits=threads, user_api="blas")
 
 
 def _pool_score(name, cfg):
-    return _score_named(name, _POOL["sets"][name], _POOL["labels"], cfg)
+    return _score_named(name, _POOL["sets"][name], _POOL["labels"], cfg, _POOL["threads"])
 
 
 def _process_pool(feature_sets, labels, jobs):
