@@ -1,13 +1,13 @@
 """Baseline transferability-estimation (TE) scores: the methods ITM is compared against.
 
 Every public function reproduces what the method's *published reference code* computes (the
-formulas are paraphrased in the project notes, BASELINES.md §2), numerically, on the same inputs,
-but faster: each method is one or two passes of large BLAS products over the N×D features plus
-D×D (or C×C) linear algebra. float32/float16 input is cast to float64 in row blocks of about
-64 MB (never all at once); the blocks run on one thread per core with single-threaded BLAS, and
-LAPACK calls are single-threaded too (threadpoolctl, optional), which on a small busy machine is
-much faster than OpenBLAS's own threading. Arithmetic is float64 wherever the reference's is;
-PCA keeps large float32 input in float32 products, as scikit-learn's PCA in the references does.
+formulas are paraphrased in DESIGN.md §6), numerically, on the same inputs, but faster: each
+method is one or two passes of large BLAS products over the N×D features plus D×D (or C×C)
+linear algebra. float32/float16 input is cast to float64 in row blocks of about 64 MB (never
+all at once); the blocks run on one thread per core with single-threaded BLAS, and LAPACK calls
+are single-threaded too (threadpoolctl, optional), which on a small busy machine is much faster
+than OpenBLAS's own threading. Arithmetic is float64 wherever the reference's is; PCA keeps
+large float32 input in float32 products, as scikit-learn's PCA in the references does.
 
 Notation: N samples, D feature dimensions, C target classes, C_s source classes. Every score is
 "higher = better" (the orientation the rank correlations of the field assume).
@@ -31,10 +31,17 @@ ncti       Wang et al., ICCV'23                         BUserName/NCTI ``metrics
 sa         Khoba et al., WACV'25                        prafful-kumar/enhancing_TE ``metrics.SA``
 ========== ============================================ ===========================================
 
-Where the published code deviates from its paper, each function documents which behaviour is the
-default and offers the other one:
+``METHODS`` maps each key to its function and ``DISPLAY_NAMES`` says which variant the key is
+(e.g. "LogME (evidence maximum, corrected for N ≤ D)"). Where the published code deviates from
+its paper or is wrong, each function documents which behaviour is the default and offers the
+other one; checked against the published codes' outputs on real features (flowers17, 21 models):
 
-* ``logme``: corrected N < D / rank-deficient evidence by default (``compat=True`` = thuml's bug).
+* ``logme``: the evidence maximum, exactly and scale-invariantly; the published fixed point
+  (wrong for N ≤ D, not converged, not scale-invariant) is ``logme_published``
+  (``variant="fixed_point"``) and the ICML'21 iteration ``logme_icml``.
+* ``transrate``, ``gbc``, ``nleep`` use absolute epsilons (ε = 1e-4, a variance clamp 1e-4, the
+  mixture's 1e-6): by default they apply to features scaled to unit RMS dimension spread, so
+  the scores are scale-invariant; ``compat=True`` (``transrate_published``) keeps raw features.
 * ``leep`` / ``nleep``: log as in the papers by default (``log=False`` = SFDA-family tables).
 * ``etran``: identity-covariance LDA as shipped by default (``compat=False`` = shrinkage LDA).
 * ``sa``: Spread discarded as shipped by default (``compat=False`` applies it before Attract).
@@ -43,10 +50,19 @@ default and offers the other one:
 * ``parc`` / ``nleep``: seeded, class-stratified subsampling above a documented cap.
 * PCA is always exact (eigendecomposition of the smaller Gram matrix, scikit-learn's sign
   convention). The references use scikit-learn's PCA; where that is the randomised solver
-  (PARC, SA, and NCTI on large inputs) the reference itself is approximate and seed-dependent.
+  (PARC, SA, and NCTI whenever N < 10·D and D > 64) the reference itself is approximate and,
+  for NCTI, unseeded: its published scores are reproducible only to ~1e-2.
 
-Pool-relative methods (ETran, NCTI, and SA on top of NCTI) normalise their parts over the model
-pool: compute ``*_parts(features, labels)`` per model and rank with ``combine``.
+Scale: LogME, H-score, the regularised H-score, PARC, and by default TransRate, GBC and NLEEP
+give the same score for features × c (any c > 0). SFDA (its shrinkage exp(−5 λ_max)), ETran's
+energy, NCTI's shrinkage, SA's gate and PED's std floor depend on the units of the features by
+their published definitions, and are kept so.
+
+Degenerate input (NaN/Inf, constant or all-zero features, one class) raises a one-line
+ValueError. ``score_pool`` scores a pool of models with several methods, one task per (method,
+model) on any ``concurrent.futures.Executor``; a failing cell becomes None with its reason.
+Pool-relative methods (ETran, NCTI, and SA on top of NCTI) normalise their parts over the pool:
+``score_pool`` does it, or compute ``*_parts(features, labels)`` per model and ``combine``.
 
 Example::
 
@@ -56,12 +72,11 @@ Example::
     X = np.maximum(rng.standard_normal((10, 128))[y] + rng.standard_normal((3000, 128)), 0)
     baselines.logme(X, y)                    # one model, one float
     pool = {"a": X, "b": X[:, :64]}
-    parts = {m: baselines.ncti_parts(F, y) for m, F in pool.items()}
-    baselines.combine("ncti", parts)         # {"a": ..., "b": ...}
+    baselines.score_pool(pool, y, ["logme", "ncti"])   # {"scores": ..., "errors": ...}
 
-Command line (model × method table; ``--json`` for machine-readable output)::
+Command line (model × method table; ``--json`` for {dataset, methods, scores, errors})::
 
-    python baselines.py --features feats.npz --labels y.npy --methods logme,sfda,etran
+    python baselines.py --features feats.npz --methods logme,sfda,etran
 
 Dependencies: NumPy; numba (optional, see ``HAVE_NUMBA``); scikit-learn only for ``nleep``
 (optional extra ``baselines``), imported when ``nleep`` is called.
@@ -69,15 +84,16 @@ Dependencies: NumPy; numba (optional, see ``HAVE_NUMBA``); scikit-learn only for
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import math
 import os
 import sys
+import threading
+import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -103,8 +119,9 @@ except ImportError:
 __all__ = [
     "logme", "leep", "nce", "hscore", "reg_hscore", "transrate", "nleep", "parc", "gbc",
     "sfda", "shrinkage_lda_proba", "etran", "etran_parts", "etran_energy", "ped", "ncti",
-    "ncti_parts", "sa", "sa_parts", "combine", "encode_labels", "METHODS", "POOL_METHODS",
-    "HAVE_NUMBA", "main",
+    "ncti_parts", "sa", "sa_parts", "combine", "encode_labels", "logme_published",
+    "logme_icml", "transrate_published", "score_pool", "METHODS", "POOL_METHODS",
+    "DISPLAY_NAMES", "TABLE1", "HAVE_NUMBA", "main",
 ]
 
 _BLOCK_VALUES = 1 << 23     # float64 values per row block: 64 MB, big enough for BLAS to run at speed
@@ -145,6 +162,11 @@ def encode_labels(labels):
 
 def _check_features(features, name="features"):
     """N×D float32/float64 array with finite values (float16, ints and bools are upcast)."""
+    return _checked(features, name)[0]
+
+
+def _checked(features, name):
+    """``_check_features`` plus the column maxima and minima it computed on the way."""
     X = np.asarray(features)
     if X.dtype.kind not in "fiub":
         raise ValueError(f"{name} must be numeric, got dtype {X.dtype}")
@@ -155,17 +177,20 @@ def _check_features(features, name="features"):
         raise ValueError(f"{name} is empty (shape {X.shape})")
     if X.dtype not in (np.float32, np.float64):
         X = X.astype(np.float32 if X.dtype.kind in "fb" else np.float64)
-    finite = np.isfinite(X)
-    if not finite.all():
-        bad = np.argwhere(~finite)
+    hi, lo = X.max(axis=0), X.min(axis=0)          # NaN/Inf reach these: no N×D temporary
+    if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
+        bad = np.argwhere(~np.isfinite(X))
         raise ValueError(f"{name} contain {len(bad)} NaN/Inf values (first at row {bad[0, 0]}, "
                          f"column {bad[0, 1]})")
-    return X
+    return X, hi, lo
 
 
 def _check_inputs(features, labels, name="features"):
-    """Validated ``(X, y, C)``: features N×D, labels 0..C-1 of length N, C >= 2."""
-    X = _check_features(features, name)
+    """Validated ``(X, y, C)``: features N×D, not constant, labels 0..C-1 of length N, C >= 2."""
+    X, hi, lo = _checked(features, name)
+    if np.array_equal(hi, lo):
+        what = "all zero" if not hi.any() else "every dimension takes a single value"
+        raise ValueError(f"{name} are constant ({what}): nothing to rank by")
     y, classes = encode_labels(labels)
     if len(y) != X.shape[0]:
         raise ValueError(f"N mismatch: {name} have {X.shape[0]} rows but labels have "
@@ -293,19 +318,38 @@ def _sym(A):
 
 
 _THREADS = {}  # ThreadpoolController per set of loaded BLAS users (it inspects loaded libraries)
+_LIMIT = {"depth": 0, "limiters": {}, "lock": threading.Lock()}
 
 
+@contextlib.contextmanager
 def _one_blas_thread():
     """LAPACK (eigh, solve, svd, cholesky) runs single-threaded: with two OpenBLAS threads on
     a busy 2-core machine it is 10-100x slower (measured: eigh 2048² 28 s vs 3 s), while the
     large products get the cores from ``_map_blocks``' threads. SciPy (used by scikit-learn's
-    mixture) ships its own OpenBLAS, so the controller is rebuilt once it is loaded."""
+    mixture) ships its own OpenBLAS, so once it is loaded a second controller limits it too.
+
+    The limit is process-wide, so nested and concurrent uses (``score_pool`` on threads) share
+    it: the first to enter sets it, the last to leave restores the original thread counts.
+    """
     if ThreadpoolController is None:
-        return contextlib.nullcontext()
-    key = "scipy.linalg" in sys.modules
-    if key not in _THREADS:
-        _THREADS[key] = ThreadpoolController()
-    return _THREADS[key].limit(limits=1, user_api="blas")
+        yield
+        return
+    with _LIMIT["lock"]:
+        key = "scipy.linalg" in sys.modules
+        if key not in _LIMIT["limiters"]:
+            if key not in _THREADS:
+                _THREADS[key] = ThreadpoolController()
+            _LIMIT["limiters"][key] = _THREADS[key].limit(limits=1, user_api="blas")
+        _LIMIT["depth"] += 1
+    try:
+        yield
+    finally:
+        with _LIMIT["lock"]:
+            _LIMIT["depth"] -= 1
+            if _LIMIT["depth"] == 0:
+                for limiter in reversed(list(_LIMIT["limiters"].values())):
+                    limiter.restore_original_limits()
+                _LIMIT["limiters"].clear()
 
 
 def _threads_by_size(func):
@@ -426,29 +470,58 @@ def _class_means_vars(X, y, C, ddof=0):
 
 # ============================================================================== LogME
 
-def _logme_spectrum(X, y, C):
-    """σ (k eigenvalues of XᵀX > 1e-20, desc.) and x = Uᵀ Y (k×C) for the one-hot targets Y.
+_LOGME_VARIANTS = ("evidence", "fixed_point", "icml")
 
-    N > D: eigh of the D×D Gram (as thuml's ``truncated_svd``), with Uᵀy = Vᵀ(Xᵀy)/s, where
-    Xᵀy are class sums from the same pass. N <= D: eigh of the N×N Gram, all N values kept.
+
+def _logme_spectrum(X, y, C, variant):
+    """σ (k eigenvalues of XᵀX, desc.) and x = Uᵀ Y (k×C) for the one-hot targets Y.
+
+    N > D, ``variant="fixed_point"``: thuml's ``truncated_svd`` op for op — XᵀX by one
+    product, ``np.linalg.svd`` of it, and every value whose square root exceeds 1e-10 kept.
+    For rank-deficient features which of the null values pass that cutoff is rounding noise
+    of the SVD (vww_mnv1_025_96 on flowers17: all 256 pass, an eigh keeps 45), and each one
+    kept changes the published score by log α / 2N, so only this route reproduces it.
+    N > D otherwise: eigh of the blocked D×D Gram, with Uᵀy = Vᵀ(Xᵀy)/s from the same pass;
+    "icml" keeps √σ > 1e-10 as published, "evidence" drops values below the Gram's rounding
+    level σ_max·max(N, D)·ε (their terms vanish from the evidence either way).
+    N <= D: eigh of the N×N Gram; all N values kept, except below that level for "evidence".
     """
     N, D = X.shape
+    if N > D and variant == "fixed_point":
+        X64 = np.asarray(X, dtype=np.float64)
+        with _one_blas_thread():
+            _, s, vh = np.linalg.svd(X64.T @ X64)
+        s = np.sqrt(s)
+        k = int(np.sum(s > 1e-10))
+        x = (vh[:k] @ (X64.T @ _onehot(y, C))) / s[:k, None]
+        return s[:k] ** 2, x
     if N > D:
         G, S = _scatter(X, y, C, None)
         sigma, V = _eigh_desc(_sym(G))
-        k = int(np.sum(np.sqrt(np.maximum(sigma, 0.0)) > 1e-10))
-        sigma, V = sigma[:k], V[:, :k]
-        x = (V.T @ S.T) / np.sqrt(sigma)[:, None]           # k×C
+        sigma = np.maximum(sigma, 0.0)
+        keep = np.sqrt(sigma) > 1e-10 if variant == "icml" else _above_rounding(sigma, N, D)
+        sigma, V = sigma[keep], V[:, keep]
+        x = (V.T @ S.T) / np.sqrt(sigma)[:, None]             # k×C
     else:
         Xf = X.astype(np.float64)
-        sigma, U = _eigh_desc(_sym(Xf @ Xf.T))               # N×N
+        sigma, U = _eigh_desc(_sym(Xf @ Xf.T))                # N×N
         sigma = np.maximum(sigma, 0.0)
-        x = U.T @ _onehot(y, C)                              # k×C, k = N
+        x = U.T @ _onehot(y, C)                               # k×C, k = N
+        if variant == "evidence":
+            keep = _above_rounding(sigma, N, D)
+            sigma, x = sigma[keep], x[keep]
     return sigma, x
 
 
-def _logme_fixed_point(sigma, x, counts, N, D, compat):
-    """Per-class evidence of the fixed-point algorithm (JMLR Alg. 3), all classes at once."""
+def _above_rounding(sigma, N, D):
+    """Eigenvalues of a Gram above its rounding level σ_max · max(N, D) · ε (scale-free)."""
+    return sigma > sigma[0] * max(N, D) * np.finfo(np.float64).eps
+
+
+def _logme_fixed_point(sigma, x, counts, N, D):
+    """Per-class value of thuml's fixed point (JMLR Alg. 3), all classes at once, as
+    published: α = β = 1 at the start, 1e-5 added to both denominators, at most 11 steps,
+    stop at a relative change of α/β ≤ 1e-3, log(α + βσ) summed over the k values kept."""
     k, C = x.shape
     sig, x2 = sigma[:, None], x * x
     res_x2 = counts - x2.sum(axis=0)                 # ‖y_c‖² − Σ x², ‖y_c‖² = n_c
@@ -467,8 +540,6 @@ def _logme_fixed_point(sigma, x, counts, N, D, compat):
         if not active.any():
             break
     logdet = np.log(alpha + beta * sig).sum(axis=0)
-    if not compat:                                   # the D − k zero eigenvalues (issue #23)
-        logdet += (D - k) * np.log(alpha)
     ev = (D / 2 * np.log(alpha) + N / 2 * np.log(beta) - logdet / 2
           - beta / 2 * res2 - alpha / 2 * m2 - N / 2 * _LOG_2PI)
     return ev / N
@@ -504,31 +575,112 @@ def _logme_icml(sigma, x, counts, N, D):
     return ev / N
 
 
+def _log_evidence_profile(u, sigma, x2, r, N):
+    """log p(y_c | X) / N at t = α/β = e^u, β at its optimum N / E(t), for every class c.
+
+    E(t) = ‖y − X m_t‖² + t‖m_t‖² = Σ_i x_i² t/(t + σ_i) + r, and the log-determinant is
+    Σ_i log(1 + σ_i/t): the D − k zero eigenvalues contribute nothing, and the value depends
+    on the features only through σ/t, so scaling X by c moves the optimal t by c² and leaves
+    the maximum unchanged. ``u``: a grid (G,) evaluated for all classes (G×C), or one value
+    per class (C,) giving (C,).
+    """
+    t = np.exp(u)
+    if np.ndim(u) == 2:                                       # (G, 1): the grid
+        E = (t / (t + sigma)) @ x2 + r                        # G×C
+        logdet = np.log1p(sigma / t).sum(axis=1, keepdims=True)
+    else:
+        frac = t[:, None] / (t[:, None] + sigma)              # C×k
+        E = np.einsum("ck,kc->c", frac, x2) + r
+        logdet = np.log1p(sigma / t[:, None]).sum(axis=1)
+    return (-0.5 * logdet - 0.5 * N * np.log(E)) / N + 0.5 * (math.log(N) - 1.0 - _LOG_2PI)
+
+
+def _logme_evidence(sigma, x, counts, N, step=0.1, margin=20.0, iterations=60):
+    """Per-class maximum over α, β of the log evidence / N, searched on u = log(α/β).
+
+    A grid of ``step`` in u over the spectrum plus ``margin`` on each side (beyond it the
+    evidence changes by less than e^-20), then golden-section search in the two grid cells
+    around each class's best point, to ~1e-13 in u. The grid is placed relative to σ_max, so
+    the result is scale-invariant up to rounding. Where the evidence has several local
+    maxima this takes the largest (a fixed point finds the one nearest its start).
+    """
+    x2 = x * x
+    r = np.maximum(counts - x2.sum(axis=0), 0.0)              # the part of y outside span X
+    top = math.log(sigma[0])
+    lo = math.floor(math.log(sigma[-1]) - top - margin)
+    grid = top + np.arange(lo, margin + step / 2, step)
+    values = _log_evidence_profile(grid[:, None], sigma, x2, r, N)    # G×C
+    best = np.argmax(values, axis=0)
+    a, b = grid[np.maximum(best - 1, 0)], grid[np.minimum(best + 1, len(grid) - 1)]
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = _log_evidence_profile(c, sigma, x2, r, N), _log_evidence_profile(d, sigma, x2, r, N)
+    for _ in range(iterations):
+        left = fc >= fd                                       # the maximum is in [a, d]
+        a, b = np.where(left, a, c), np.where(left, d, b)
+        kept_u, kept_f = np.where(left, c, d), np.where(left, fc, fd)
+        new_u = np.where(left, b - g * (b - a), a + g * (b - a))
+        new_f = _log_evidence_profile(new_u, sigma, x2, r, N)
+        c, fc = np.where(left, new_u, kept_u), np.where(left, new_f, kept_f)
+        d, fd = np.where(left, kept_u, new_u), np.where(left, kept_f, new_f)
+    return np.maximum(np.maximum(fc, fd), values.max(axis=0))
+
+
 @_threads_by_size
-def logme(features, labels, *, variant="fixed_point", compat=False):
-    """LogME: mean over classes of the log marginal evidence / N of a Bayesian linear model.
+def logme(features, labels, *, variant="evidence"):
+    """LogME: mean over classes of the maximum log evidence / N of a Bayesian linear model.
 
     One binary regression target per class (y_c = 1[y = c]), raw features in float64 (no
-    centring, no bias), as thuml/LogME ``LogME.fit``. ``variant="fixed_point"`` (default, the
-    JMLR'22 algorithm that thuml and the SFDA family run) or ``"icml"`` (``_fit_icml``).
+    centring, no bias), prior w ~ N(0, α⁻¹I), noise N(0, β⁻¹), as thuml/LogME ``LogME.fit``.
 
-    ``compat``: the fixed point sums log(α + βσ_i) over the k non-zero eigenvalues only, which
-    is wrong when k < D (N < D or rank-deficient features; thuml issue #23 / PR #24). The
-    default adds the (D − k) missing log α terms — the paper's evidence, which the ICML variant
-    already computes; ``compat=True`` reproduces the shipped value. For full-rank features
-    with N > D both agree. Cost: one N·D² Gram pass + eigh(D×D) (N×N when N <= D).
+    ``variant="evidence"`` (default, "LogME (evidence maximum, corrected for N ≤ D)"): the
+    quantity LogME defines, max over α, β of log p(y_c | X), computed exactly
+    (``_logme_evidence``). It equals the published fixed point only where that one is right,
+    which it is not in two ways:
+
+    * N ≤ D or rank-deficient features (k < D non-zero eigenvalues): the fixed point sums
+      log(α + βσ_i) over the k values only and so drops the (D − k)/2 · log α term of the
+      zero eigenvalues (thuml issue #23 / PR #24). On flowers17 (N = 680) this adds 0.6
+      (D = 768) to 4.2 (D = 1280) to a score and mostly orders those models by D. The ICML
+      iteration has the term.
+    * It is not converged, and not scale-invariant: it starts at α = β = 1, stops after
+      11 steps or at a 1e-3 relative change of α/β, and adds 1e-5 to both denominators. On
+      flowers17's models with N > D it is 3e-7 to 2.5e-4 below the maximum (one class of
+      c10_resnet44 needs ~50 steps); features × 1e4 make the 1e-5 dominate (a score falls
+      from 0.10 to −0.21), × 1e-4 leave it far from converged.
+
+    The maximum is invariant to the scale of the features; measured on flowers17, scores at
+    × 1e-4 and × 1e4 equal those at × 1 to 1e-10 relative.
+
+    ``variant="fixed_point"`` ("LogME (published fixed point)", key ``logme_published``):
+    thuml's default ``_fit_fixed_point`` reproduced numerically, including the above and,
+    for N > D, its SVD of XᵀX (``_logme_spectrum``). ``variant="icml"`` ("LogME (published
+    ICML'21 iteration)"): ``_fit_icml`` (1e-5 inside the evidence terms, ≤ 11 steps, 1e-2
+    tolerance). Cost: one N·D² Gram pass + eigh(D×D) (N×N when N <= D).
     """
+    if variant not in _LOGME_VARIANTS:
+        raise ValueError(f"variant must be one of {_LOGME_VARIANTS}, got {variant!r}")
     X, y, C = _check_inputs(features, labels)
-    if variant not in ("fixed_point", "icml"):
-        raise ValueError(f"variant must be 'fixed_point' or 'icml', got {variant!r}")
     N, D = X.shape
-    sigma, x = _logme_spectrum(X, y, C)
+    sigma, x = _logme_spectrum(X, y, C, variant)
     counts = np.bincount(y, minlength=C).astype(np.float64)
     if variant == "icml":
         ev = _logme_icml(sigma, x, counts, N, D)
+    elif variant == "fixed_point":
+        ev = _logme_fixed_point(sigma, x, counts, N, D)
     else:
-        ev = _logme_fixed_point(sigma, x, counts, N, D, compat)
+        ev = _logme_evidence(sigma, x, counts, N)
     return float(np.mean(ev))
+
+
+def logme_published(features, labels):
+    """LogME as thuml/LogME's default computes it: ``logme(..., variant="fixed_point")``."""
+    return logme(features, labels, variant="fixed_point")
+
+
+def logme_icml(features, labels):
+    """LogME by thuml/LogME's ICML'21 iteration: ``logme(..., variant="icml")``."""
+    return logme(features, labels, variant="icml")
 
 
 # ============================================================================== LEEP and NCE
@@ -678,25 +830,41 @@ def _half_logdet_identity_plus(A):
 
 
 @_threads_by_size
-def transrate(features, labels, *, eps=1e-4):
+def transrate(features, labels, *, eps=1e-4, compat=False):
     """TransRate = R(Z) − (1/C) Σ_c R(Z_c), R(Z) = ½ logdet(I + ZᵀZ/(n ε)) (tllib/EMMS).
 
     Z = features centred by their column means (class subsets use the global centring, and
     n = n_c for them); note 1/(n ε) where the paper writes d/(n ε). float64.
+
+    ε is absolute in the published code, so its score depends on the units of the features
+    (on flowers17's c10_resnet20: 4e-8 at × 1e-4, 69.7 at × 1, 293 at × 1e4). By default the
+    features are first divided by their RMS dimension spread s = √(mean_j var_j) (ε taken
+    relative to s²), which makes the score scale-invariant ("TransRate (ε = 1e-4 on
+    features scaled to unit RMS spread)"); real CNN features have s of order 1, but the score
+    still moves with s, so ``compat=True`` ("TransRate (published, absolute ε)", key
+    ``transrate_published``) keeps the raw features as the published code does.
     """
     X, y, C = _check_inputs(features, labels)
     N, D = X.shape
     c = X.mean(axis=0, dtype=np.float64)
     if D <= N:
         G, _ = _scatter(X, None, 0, c)                        # D×D centred Gram
-        total = _half_logdet_identity_plus(G / (N * eps))
     else:
-        total = _coding_rate(X.astype(np.float64) - c, N, eps)
+        Xc = X.astype(np.float64) - c
+        G = Xc @ Xc.T                                         # N×N: same non-zero spectrum
+    if not compat:
+        eps = eps * (np.trace(G) / (N * D))                   # ε relative to s² = mean var
+    total = _half_logdet_identity_plus(G / (N * eps))
     order = np.argsort(y, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(y, minlength=C))])
     per_class = sum(_coding_rate(X[order[a:b]].astype(np.float64) - c, b - a, eps)
                     for a, b in zip(bounds[:-1], bounds[1:]))
     return total - per_class / C
+
+
+def transrate_published(features, labels):
+    """TransRate on the raw features, as published: ``transrate(..., compat=True)``."""
+    return transrate(features, labels, compat=True)
 
 
 # ============================================================================== N-LEEP
@@ -709,7 +877,7 @@ def _n_components_for_variance(lam, ratio):
 
 @_threads_by_size
 def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=10000,
-          max_components=None, max_dims=None, log=True, seed=123):
+          max_components=None, max_dims=None, log=True, seed=123, compat=False):
     """N-LEEP: LEEP on the posteriors of a Gaussian mixture fitted to PCA-reduced features.
 
     As google-research ``stable_transfer`` NLEEP: PCA keeping ``var_ratio`` of the variance
@@ -717,6 +885,13 @@ def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=100
     scikit-learn's defaults (full covariances, k-means init), then LEEP with log (the paper).
     The SFDA family leaves the mixture unseeded (not reproducible), uses ratio 1 for food/pets
     and drops the log: ``log=False``.
+
+    The mixture adds an absolute 1e-6 to every covariance diagonal, so on raw features the
+    score depends on their units: at × 1e-4 every component sees noise and the score falls to
+    chance (−ln C; some real features make the fit fail). By default the PCA scores are
+    divided by the features' RMS dimension spread s = √(mean_j var_j) first, which makes the
+    score scale-invariant ("NLEEP (seeded mixture on features scaled to unit RMS spread)");
+    ``compat=True`` fits the raw PCA scores, as the published code.
 
     Cost: EM is O(iterations · N · K · d'²) — hours for N = 50 000, K = 500, d' ≈ 200. Caps:
     above ``max_samples`` (default 10 000) the method runs on a seeded, class-stratified
@@ -736,6 +911,8 @@ def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=100
     c, lam, V = _pca_fit(X)
     d = _n_components_for_variance(lam, var_ratio)
     Z = _project(X, c, V[:, : d if max_dims is None else min(d, int(max_dims))])
+    if not compat:
+        Z /= math.sqrt(_mean_variance(lam, *X.shape))
     K = int(round(component_ratio * C))
     if max_components is not None:
         K = min(K, int(max_components))
@@ -744,6 +921,11 @@ def nleep(features, labels, *, component_ratio=5, var_ratio=0.8, max_samples=100
         gmm = GaussianMixture(n_components=K, random_state=seed).fit(Z)
         posteriors = gmm.predict_proba(Z)
     return _leep_from_posteriors(posteriors, y, C, log)
+
+
+def _mean_variance(lam, N, D):
+    """s² = mean over the D dimensions of their variance (ddof 0), from the PCA variances."""
+    return float(lam.sum()) * (N - 1) / N / D
 
 
 # ============================================================================== PARC
@@ -814,6 +996,9 @@ def parc(features, labels, *, n_dims=32, max_samples=15000, seed=0):
     As dbolya/parc ``PARC``: PCA to ``n_dims`` = 32 (SFDA family's ``--parc-ratio 2``), column
     standardisation (ddof 0), RDM = 1 − corrcoef of the rows. The reference PCA is scikit-learn's
     randomised solver (seed 1919, one power iteration) — approximate; this one is exact.
+    Features of rank r < ``n_dims`` keep r components: the others hold rounding noise, which
+    the reference's StandardScaler would scale up to unit variance (vww_mnv1_025_96 on
+    flowers17, rank 22: that noise moved the score by 12 % between × 1 and × 1e4).
 
     Memory and time are O(N²) (N(N−1)/2 float64 values, one sort): above ``max_samples``
     (default 15 000 as the SFDA family; None = never) a seeded, class-stratified subsample is
@@ -827,11 +1012,12 @@ def parc(features, labels, *, n_dims=32, max_samples=15000, seed=0):
     N, D = X.shape
     if N < 3:
         raise ValueError(f"parc needs at least 3 samples, got {N}")
-    Z, _ = _pca(X, min(n_dims, N, D))
-    if Z.shape[1] < 2:
-        raise ValueError("parc needs at least 2 reduced feature dimensions")
-    std = Z.std(axis=0)
-    Z = (Z - Z.mean(axis=0)) / np.where(std < 10 * np.finfo(float).eps, 1.0, std)
+    Z, var = _pca(X, min(n_dims, N, D))
+    Z = Z[:, _above_rounding(var, N, D)]                  # features of rank < n_dims: the rest
+    if Z.shape[1] < 2:                                    # is rounding noise, not scaled up
+        raise ValueError("parc needs at least 2 reduced feature dimensions (features of rank "
+                         f"{Z.shape[1]})")
+    Z = (Z - Z.mean(axis=0)) / Z.std(axis=0)
     v, same = _rdm_pairs(Z, y)
     return 100.0 * _spearman_binary(v, same)
 
@@ -839,7 +1025,7 @@ def parc(features, labels, *, n_dims=32, max_samples=15000, seed=0):
 # ============================================================================== GBC
 
 @_threads_by_size
-def gbc(features, labels, *, pca_dim=64, gaussian_type="spherical", ddof=0):
+def gbc(features, labels, *, pca_dim=64, gaussian_type="spherical", ddof=0, compat=False):
     """GBC: −Σ_{c≠c'} exp(−D_B(c, c')), Bhattacharyya distances of per-class Gaussians.
 
     As google-research ``stable_transfer`` GBC (config: spherical, PCA to 64): class means and
@@ -847,13 +1033,25 @@ def gbc(features, labels, *, pca_dim=64, gaussian_type="spherical", ddof=0):
     ddof 1) clamped at 1e-4. Spherical: σ_c = mean variance and, as the reference, the log terms
     of D_B are *not* multiplied by the dimension. ``pca_dim=None`` skips the (exact) PCA.
     Computed in float64 (the reference casts to float32).
+
+    D_B is scale-invariant but the 1e-4 clamp is absolute: at × 1e-4 every variance is
+    clamped and the score falls to −C(C − 1)·e^(−0) (−272 for C = 17). By default the clamp is
+    1e-4 · s², s = √(mean_j var_j) the features' RMS dimension spread — the published clamp on
+    features scaled to unit spread ("GBC (spherical, PCA-64, variances clamped relative to the
+    RMS spread)"); on flowers17's features it never binds at × 1, so both agree there.
+    ``compat=True`` clamps at 1e-4 absolute, as published.
     """
     if gaussian_type not in ("spherical", "diagonal"):
         raise ValueError(f"gaussian_type must be 'spherical' or 'diagonal', got {gaussian_type!r}")
     X, y, C = _check_inputs(features, labels)
-    Z = _pca(X, min(pca_dim, *X.shape))[0] if pca_dim else X
+    if pca_dim:
+        c, lam, V = _pca_fit(X)
+        Z = _project(X, c, V[:, : min(pca_dim, V.shape[1])])
+        spread2 = _mean_variance(lam, *X.shape)
+    else:
+        Z, spread2 = X, float(np.mean(_mean_std(X)[1] ** 2))
     M, var, _ = _class_means_vars(Z, y, C, ddof)
-    var = np.maximum(var, 1e-4)
+    var = np.maximum(var, 1e-4 * (1.0 if compat else spread2))
     total, s = 0.0, var.mean(axis=1)                         # s: spherical variances
     for a in range(C):                                       # row a of the C×C distance matrix
         d2 = (M[a] - M) ** 2                                 # C×d
@@ -961,6 +1159,8 @@ def sfda(features, labels, *, shrinkage=None):
     given ``shrinkage``). ConfMix: x ← q x + (1 − q) m̄_{−y}, q = softmax over classes of the
     stage-1 probabilities. Stage 2: same λ, score = mean p(y_i|x_i), no log (as shipped; the
     copies in PED/NCTI/ETran/EMMS/SA are identical). float64; the input is not modified.
+    Equals the published ``SFDA_Score`` on flowers17's 21 models to 1e-13. λ is absolute, so
+    the score depends on the units of the features, as published.
     """
     X, y, C = _check_inputs(features, labels)
     return _sfda_core(X, y, C, shrinkage)
@@ -1059,7 +1259,8 @@ def etran_parts(features, labels, *, percent=0.5, compat=True):
     ``compat=True`` (default, what the published tables used): the shipped LDA with identity
     covariance (``_nearest_mean_score``). ``compat=False``: the paper's LDA, i.e. the shrinkage
     LDA of SFDA's stage 1 (mean p(y_i|x_i)). The regression score of the paper is not part of
-    the shipped classification pipeline.
+    the shipped classification pipeline. Both parts equal the published ``LDA_Score`` and
+    ``Energy_Score(X, 0.5, 'bot')`` on flowers17's 21 models to 1e-14.
     """
     X, y, C = _check_inputs(features, labels)
     energy = etran_energy(X, percent=percent)
@@ -1218,6 +1419,13 @@ def ncti_parts(features, labels, *, n_components=64, svd_covariance="unbiased"):
     by the pooled within-class covariance /(N − C) in the scikit-learn releases NCTI's results
     were computed with (``svd_covariance="unbiased"``, default) and /N since scikit-learn 1.9
     (PR #33626, ``"biased"``); seli changes by a common factor, ncc slightly.
+
+    The published code's PCA is scikit-learn's ``PCA(64)`` with the 'auto' solver and no
+    seed, which for N < 10·D and max(N, D) > 500 is the randomised solver: its scores are then
+    approximate and differ from run to run. Where its PCA is exact (flowers17: D = 64, and
+    features of rank < 64) these parts equal the published ones to 1e-13; elsewhere by up to
+    3e-3 with ``svd_covariance="biased"`` (the published values there were made with
+    scikit-learn 1.9) — the spread of the randomised solver itself — and 1.4e-2 by default.
     """
     if svd_covariance not in ("unbiased", "biased"):
         raise ValueError(f"svd_covariance must be 'unbiased' or 'biased', got {svd_covariance!r}")
@@ -1374,24 +1582,163 @@ def combine(method, parts_by_model):
 
 
 METHODS = {
-    "logme": logme, "leep": leep, "nce": nce, "hscore": hscore, "reg_hscore": reg_hscore,
-    "transrate": transrate, "nleep": nleep, "parc": parc, "gbc": gbc, "sfda": sfda,
-    "etran": etran, "ped": ped, "ncti": ncti, "sa": sa,
+    "logme": logme, "logme_published": logme_published, "logme_icml": logme_icml,
+    "leep": leep, "nce": nce, "hscore": hscore, "reg_hscore": reg_hscore,
+    "transrate": transrate, "transrate_published": transrate_published, "nleep": nleep,
+    "parc": parc, "gbc": gbc, "sfda": sfda, "etran": etran, "ped": ped, "ncti": ncti, "sa": sa,
 }
 POOL_METHODS = {"etran": etran_parts, "ncti": ncti_parts, "sa": sa_parts}
 TABLE1 = ("logme", "nleep", "parc", "sfda", "etran", "ped", "sa")    # the ITM paper's Table 1
 
+# What each key computes, for table rows: the variant, where the method has several.
+DISPLAY_NAMES = {
+    "logme": "LogME (evidence maximum, corrected for N ≤ D)",
+    "logme_published": "LogME (published fixed point)",
+    "logme_icml": "LogME (published ICML'21 iteration)",
+    "leep": "LEEP (mean log EEP, source probabilities)",
+    "nce": "NCE (source predictions)",
+    "hscore": "H-score (pseudo-inverse covariance)",
+    "reg_hscore": "H-score (Ledoit–Wolf regularised)",
+    "transrate": "TransRate (ε = 1e-4 on features scaled to unit RMS spread)",
+    "transrate_published": "TransRate (published, absolute ε = 1e-4)",
+    "nleep": "NLEEP (seeded mixture, with log, unit RMS spread, ≤ 10k samples)",
+    "parc": "PARC (PCA-32, ≤ 15k samples)",
+    "gbc": "GBC (spherical, PCA-64, variance clamp relative to the RMS spread)",
+    "sfda": "SFDA (as published)",
+    "etran": "ETran (as shipped: identity-covariance LDA + energy, pool min-max)",
+    "ped": "PED (SFDA base, published command-line defaults)",
+    "ncti": "NCTI (exact PCA-64, pool min-max)",
+    "sa": "SA (LDA base, Spread discarded as shipped)",
+}
+
+
+# ============================================================================== scoring a pool
+
+def score_pool(feature_sets, labels, methods, executor=None, progress=None, *,
+               reference_features=None, options=None):
+    """Score every model of a pool with every method; a failure costs one cell, not the run.
+
+    ``feature_sets``: {model: N×D features}; ``methods``: keys of ``METHODS``. One task per
+    (method, model) — for pool-relative methods (``POOL_METHODS``) the task computes that
+    model's parts and ``combine`` normalises over the models whose parts succeeded. Tasks run
+    in order here, or on ``executor`` (any ``concurrent.futures.Executor``: threads,
+    processes, or a cluster's); the result is the same either way and in input order,
+    whatever finishes first. Warnings raised in other processes are re-issued here.
+
+    ``progress(done, total, method, model, outcome)`` is called here after each task, with
+    ``outcome = {"value": score, parts or None, "error": reason or None, "seconds": s}``.
+    ``reference_features``: {model: ImageNet features} for PED; ``options``: {method:
+    {keyword: value}} passed on. Returns ``{"scores": {method: {model: float or None}},
+    "errors": {method: {model: reason}}}``; a task that raises or returns a non-finite score
+    gives None with its one-line reason.
+    """
+    methods = _check_methods(methods)
+    if not isinstance(feature_sets, dict) or not feature_sets:
+        raise ValueError("score_pool needs a non-empty {model: features} mapping")
+    reference_features, options = reference_features or {}, options or {}
+    tasks = [(method, model) for method in methods for model in feature_sets]
+    args = [(method, feature_sets[model], labels,
+             _task_options(method, model, options, reference_features), os.getpid())
+            for method, model in tasks]
+    outcomes = _run_tasks(args, executor, lambda i, done, out: progress and progress(
+        done, len(tasks), *tasks[i], out))
+    return _assemble(methods, list(feature_sets), dict(zip(tasks, outcomes)))
+
+
+def _check_methods(methods):
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})"
+                         if unknown else "no methods given")
+    return methods
+
+
+def _check_cli_methods(methods):
+    """The CLI scores features: methods that need source-model probabilities cannot run there."""
+    methods = _check_methods(methods)
+    needs = [m for m in methods if m in ("leep", "nce")]
+    if needs:
+        raise ValueError(f"{needs[0]} needs the source model's class probabilities, not features; "
+                         "call baselines.leep/nce from Python")
+    return methods
+
+
+def _task_options(method, model, options, reference_features):
+    kwargs = dict(options.get(method, {}))
+    if method == "ped" and model in reference_features:
+        kwargs.setdefault("reference_features", reference_features[model])
+    return kwargs
+
+
+def _run_tasks(args, executor, report):
+    """Outcomes of ``_score_task(*a)`` for each ``a`` in order, serially or on ``executor``."""
+    outcomes = [None] * len(args)
+    if executor is None:
+        for i, a in enumerate(args):
+            outcomes[i] = _score_task(*a)
+            report(i, i + 1, outcomes[i])
+        return outcomes
+    futures = {executor.submit(_score_task, *a): i for i, a in enumerate(args)}
+    for done, future in enumerate(as_completed(futures), 1):
+        i = futures[future]
+        try:
+            outcomes[i] = future.result()
+        except Exception as err:       # the executor failed the task (e.g. a worker died)
+            outcomes[i] = {"value": None, "error": _reason(err), "seconds": None, "warnings": []}
+        for category, message in outcomes[i].pop("warnings", []):
+            warnings.warn(message, category, stacklevel=2)
+        report(i, done, outcomes[i])
+    return outcomes
+
+
+def _score_task(method, features, labels, kwargs, parent_pid):
+    """One (method, model) cell: {"value", "error", "seconds", "warnings"}. In another process
+    the warnings are recorded for the caller; in the caller's process they pass through."""
+    start = time.perf_counter()
+    elsewhere = os.getpid() != parent_pid
+    with warnings.catch_warnings(record=True) if elsewhere else contextlib.nullcontext() as seen:
+        if elsewhere:
+            warnings.simplefilter("always")
+        try:
+            value, error = _score_value(method, features, labels, kwargs), None
+        except Exception as err:       # any failure is this cell's reason, the rest still runs
+            value, error = None, _reason(err)
+    return {"value": value, "error": error, "seconds": time.perf_counter() - start,
+            "warnings": [(w.category, str(w.message)) for w in seen or []]}
+
+
+def _score_value(method, features, labels, kwargs):
+    if method in POOL_METHODS:
+        parts = POOL_METHODS[method](features, labels, **kwargs)
+        bad = [k for k, v in parts.items() if not math.isfinite(float(v))]
+        if bad:
+            raise ValueError(f"non-finite {method} part {bad[0]!r} ({parts[bad[0]]})")
+        return parts
+    value = float(METHODS[method](features, labels, **kwargs))
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite score ({value})")
+    return value
+
+
+def _reason(err):
+    text = itm.one_line(err)
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+
+
+def _assemble(methods, models, outcomes):
+    scores, errors = {}, {}
+    for method in methods:
+        cells = {m: outcomes[method, m] for m in models}
+        errors[method] = {m: c["error"] for m, c in cells.items() if c["error"] is not None}
+        values = {m: c["value"] for m, c in cells.items() if c["error"] is None}
+        if method in POOL_METHODS and values:
+            values = combine(method, values)
+        scores[method] = {m: values.get(m) for m in models}
+    return {"scores": scores, "errors": errors}
+
 
 # ============================================================================== command line
-
-class _CLIError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                        # one line and exit 1, not argparse's usage
-        raise _CLIError(message)
-
 
 def _default_methods():
     try:
@@ -1401,122 +1748,111 @@ def _default_methods():
         return ",".join(m for m in TABLE1 if m != "nleep")
 
 
-def _parse_args(argv):
-    p = _Parser(prog="baselines.py", description="Score pre-trained models with the baseline "
-                "transferability-estimation methods (higher = better).")
-    p.add_argument("--features", required=True, help=".npz with one N×D array per model "
-                   "(an optional 'labels' array), or one .npy array")
-    p.add_argument("--labels", help=".npy (ints or strings) or text file, one label per line; "
-                   "default: the 'labels' array of the .npz")
+def _parser():
+    p = itm.CLIParser(prog="baselines.py", description="Score pre-trained models with the "
+                      "baseline transferability-estimation methods (higher = better).")
+    p.add_argument("--features", required=True, help=".npz with one N×D array per model (and "
+                   "optionally 'labels'), one model's .npy (with --labels), or a folder of "
+                   "<model>.npy plus labels.npy (memory-mapped)")
+    p.add_argument("--labels", help=".npy of N labels (ints or strings); default: the "
+                   "'labels' array of the .npz or folder")
     p.add_argument("--methods", default=_default_methods(),
                    help=f"comma-separated, from {','.join(METHODS)} (default: %(default)s)")
     p.add_argument("--models", help="comma-separated subset of the models in --features")
     p.add_argument("--reference", help=".npz with ImageNet features per model, for ped")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return p.parse_args(argv)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a "
+                   "table: {dataset, methods, scores: {method: {model: score or null}}, errors}")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
 
 
-def _load_labels(path):
-    if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
-    with open(path, encoding="utf-8") as fh:
-        lines = [line.strip() for line in fh if line.strip()]
-    try:
-        return np.array([int(v) for v in lines])
-    except ValueError:
-        return np.array(lines)
-
-
-def _load_inputs(args):
-    """({model: features}, labels, {model: reference features})."""
-    if args.features.endswith(".npy"):
-        arr = np.load(args.features, allow_pickle=False)
-        models = {os.path.splitext(os.path.basename(args.features))[0]: arr}
-        stored = None
-    else:
-        with np.load(args.features, allow_pickle=False) as npz:
-            models = {k: npz[k] for k in npz.files if k != "labels"}
-            stored = npz["labels"] if "labels" in npz.files else None
-    if args.labels:
-        labels = _load_labels(args.labels)
-    elif stored is not None:
-        labels = stored
-    else:
-        raise _CLIError("no labels: pass --labels or store a 'labels' array in the .npz")
-    if args.models:
-        wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in models]
-        if unknown:
-            raise _CLIError(f"model {unknown[0]!r} not in {args.features}")
-        models = {m: models[m] for m in wanted}
-    if not models:
-        raise _CLIError(f"{args.features} holds no feature arrays")
-    dense = [m for m, F in models.items() if np.ndim(F) == 4]
+def _load_inputs(args, methods):
+    """({model: features}, labels, {model: reference features}), all checked before work."""
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    feature_sets, labels = itm.load_features(args.features, args.labels, models)
+    dense = [m for m, F in feature_sets.items() if np.ndim(F) == 4]
     if dense or np.ndim(labels) == 3:
-        raise _CLIError("these baselines score one label per image; dense (segmentation) input — "
-                        f"features N×h×w×D{' (' + dense[0] + ')' if dense else ''} or label maps — "
-                        "is scored by itm.py only")
+        raise ValueError("these baselines score one label per image; dense (segmentation) input "
+                         f"— features N×h×w×D{' (' + dense[0] + ')' if dense else ''} or label "
+                         "maps — is scored by itm.py only")
+    y, classes = encode_labels(labels)
+    if len(classes) < 2:
+        raise ValueError(f"need at least 2 classes, labels contain only one ({classes[0]!r})")
+    for m, F in feature_sets.items():
+        if np.ndim(F) != 2 or np.shape(F)[0] != len(y):
+            raise ValueError(f"N mismatch: model {m!r} has features of shape {np.shape(F)} but "
+                             f"labels have {len(y)} entries")
     reference = {}
     if args.reference:
-        with np.load(args.reference, allow_pickle=False) as npz:
-            reference = {k: npz[k] for k in npz.files}
-    return models, labels, reference
+        if "ped" not in methods:
+            raise ValueError("--reference is for ped, which is not among --methods")
+        reference = _load_reference(args.reference)
+    return feature_sets, labels, reference
 
 
-def _score_all(models, labels, methods, reference):
-    """{model: {method: score}}; pool-relative methods are normalised over ``models``."""
-    table = {m: {} for m in models}
-    for method in methods:
-        if method in POOL_METHODS:
-            parts = {m: POOL_METHODS[method](F, labels) for m, F in models.items()}
-            for m, score in combine(method, parts).items():
-                table[m][method] = score
-            continue
-        for m, F in models.items():
-            options = {"reference_features": reference.get(m)} if method == "ped" else {}
-            table[m][method] = float(METHODS[method](F, labels, **options))
-    return table
+def _load_reference(path):
+    """{model: ImageNet features} from an .npz (a 'labels' array in it is ignored)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--reference file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files if k != "labels"}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"cannot read --reference file {path}: {itm.one_line(err)}") from None
 
 
-def _format_table(table, methods):
+def _cell(value, error):
+    return f"n/a ({error})" if error is not None else f"{value:.6g}"
+
+
+def _format_table(result, methods, models):
     rows = [["model"] + list(methods)]
-    rows += [[m] + [f"{table[m][k]:.6g}" for k in methods] for m in table]
+    rows += [[m] + [_cell(result["scores"][k][m], result["errors"][k].get(m)) for k in methods]
+             for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
-def _one_line(exc):
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _progress_printer(quiet):
+    def report(done, total, method, model, outcome):
+        if outcome["error"] is not None:
+            what = f"n/a ({outcome['error']})"
+        elif isinstance(outcome["value"], dict):
+            what = "parts done"
+        else:
+            what = f"{outcome['value']:.6g}"
+        print(f"[{done}/{total}] {method} / {model}: {what} ({outcome['seconds'] or 0:.2f} s)",
+              file=sys.stderr, flush=True)
+    return None if quiet else report
+
+
+def _main(argv):
+    args = _parser().parse_args(argv)
+    methods = _check_cli_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()])
+    feature_sets, labels, reference = _load_inputs(args, methods)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = score_pool(feature_sets, labels, methods, progress=_progress_printer(args.quiet),
+                            reference_features=reference)
+    for message in dict.fromkeys(itm.one_line(w.message) for w in caught):
+        print(f"baselines.py: warning: {message}", file=sys.stderr)
+    failed = sum(len(e) for e in result["errors"].values())
+    if failed:
+        print(f"baselines.py: warning: {failed} of {len(methods) * len(feature_sets)} cells are "
+              "n/a (the reasons are in the table / under \"errors\")", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"dataset": itm.dataset_name(args.features), "methods": methods,
+                          **result}, indent=2))
+    else:
+        print(_format_table(result, methods, list(feature_sets)))
+    sys.stdout.flush()                 # a reader that left (`| head`) raises here, inside run_cli
+    return 0
 
 
 def main(argv=None):
     """CLI entry point; returns the exit status (errors: one line on stderr, status 1)."""
-    try:
-        args = _parse_args(argv)
-        methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise _CLIError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})"
-                            if unknown else "no methods given")
-        models, labels, reference = _load_inputs(args)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            table = _score_all(models, labels, methods, reference)
-        for w in {str(w.message) for w in caught}:
-            print(f"baselines.py: warning: {' '.join(w.split())}", file=sys.stderr)
-    except SystemExit as exc:                        # --help
-        return int(exc.code or 0)
-    except Exception as exc:                         # bad input or a failing method: no traceback
-        print(f"baselines.py: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    if args.json:
-        clean = {m: {k: (v if math.isfinite(v) else None) for k, v in row.items()}
-                 for m, row in table.items()}
-        print(json.dumps({"methods": methods, "scores": clean}, indent=2))
-    else:
-        print(_format_table(table, methods))
-    return 0
+    return itm.run_cli("baselines.py", _main, argv)
 
 
 if __name__ == "__main__":
