@@ -120,7 +120,7 @@ class Config:
     dtype: str = field(default="float32", metadata={
         "help": "dtype of the large products (spectral part is always float64)",
         "choices": ("float32", "float64")})
-    preprocess: str = field(default="rms", metadata={
+    preprocess: str = field(default="standardize", metadata={
         "help": "scale-free preprocessing of each model's features (DESIGN.md §0)", "choices": PREPROCESS})
     folds: int = field(default=5, metadata={
         "help": "cross-fitting folds k: every sample scored once (1 = the paper's single 4/5 : 1/5 split)"})

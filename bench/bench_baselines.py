@@ -9,7 +9,7 @@ ETran's covariances + inv + eigh and torch-style logsumexp, NCTI's scikit-learn 
 same run, so ours/reference ratios are measured under the same machine load — read the ratios,
 absolute seconds depend on what else runs. ``BASELINES_BENCH_REFERENCE=0`` skips them (~3 min).
 NLEEP and PARC run at their default caps (NLEEP: a 10,000-sample stratified subsample; PARC:
-15,000). The small cases use BASELINES.md §5's synthetic set (N = 3000, D = 128, C = 10).
+15,000). The small cases use the synthetic set of DESIGN.md §6 (N = 3000, D = 128, C = 10).
 
 Features are class-structured and low-rank plus noise, rectified like pooled CNN features, so that
 NLEEP's 80 %-variance PCA keeps a realistic ~200 dimensions. Nothing is built at import.
@@ -58,7 +58,7 @@ def structured(N, D, C, rank=64, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def section5():
-    """BASELINES.md §5's set: N=3000, D=128, C=10, sep=0.25, seed=0."""
+    """DESIGN.md §6's synthetic set: N=3000, D=128, C=10, sep=0.25, seed=0."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, 3000)
     mu = rng.standard_normal((10, 128)) * 0.25

@@ -883,6 +883,10 @@ def test_bad_input_raises_clear_value_errors(name):
         f(X, y + 0.5)
     with pytest.raises(ValueError, match="numeric"):
         f(X.astype(str), y)
+    with pytest.raises(ValueError, match=r"^features are constant \(all zero\)"):
+        f(np.zeros_like(X), y)
+    with pytest.raises(ValueError, match="constant"):
+        f(np.ones_like(X) * 3.0, y)
 
 
 def test_bad_input_specific_messages():
@@ -909,6 +913,98 @@ def test_bad_input_specific_messages():
     assert y_enc.tolist() == [0, 1, 0] and classes.tolist() == [2, 7]
 
 
+# ============================================================================ pools on executors
+
+@pytest.fixture(scope="module")
+def pool():
+    """Five small models, one of them all zero and one with a NaN: bad input in a pool."""
+    y = synth(N=300, D=16, C=3, seed=12)[1]
+    models = {f"m{i}": synth(N=300, D=16, C=3, sep=0.3 * (i + 1), seed=12 + i)[0] for i in range(3)}
+    models["zero"] = np.zeros((300, 16), np.float32)
+    models["nan"] = models["m0"].copy()
+    models["nan"][5, 3] = np.nan
+    return models, y
+
+
+POOL = ["logme", "logme_published", "sfda", "etran", "ncti", "transrate", "gbc"]
+
+
+def test_score_pool_scores_good_models_and_names_the_bad_ones(pool):
+    models, y = pool
+    result = B.score_pool(models, y, POOL)
+    assert list(result["scores"]) == POOL
+    good = {m: F for m, F in models.items() if m.startswith("m")}
+    for method in POOL:
+        assert list(result["scores"][method]) == list(models)
+        assert result["scores"][method]["zero"] is None and result["scores"][method]["nan"] is None
+        assert result["errors"][method]["zero"].startswith("features are constant (all zero)")
+        assert "NaN/Inf" in result["errors"][method]["nan"]
+        assert set(result["errors"][method]) == {"zero", "nan"}
+    for m, F in good.items():
+        assert result["scores"]["logme"][m] == B.logme(F, y)
+        assert result["scores"]["sfda"][m] == B.sfda(F, y)
+    # pool-relative methods are normalised over the models whose parts succeeded
+    parts = {m: B.etran_parts(F, y) for m, F in good.items()}
+    assert {m: result["scores"]["etran"][m] for m in good} == B.combine("etran", parts)
+
+
+def test_score_pool_reports_progress_and_rejects_unknown_methods(pool):
+    models, y = pool
+    seen = []
+    B.score_pool(models, y, ["logme", "etran"], progress=lambda *a: seen.append(a))
+    assert [s[:4] for s in seen] == [(i + 1, 10, method, m) for i, (method, m) in
+                                     enumerate((k, m) for k in ("logme", "etran") for m in models)]
+    assert isinstance(seen[5][4]["value"], dict) and seen[3][4]["error"].startswith("features are")
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        B.score_pool(models, y, ["logme", "bogus"])
+    with pytest.raises(ValueError, match="non-empty"):
+        B.score_pool({}, y, ["logme"])
+
+
+def _boom(features, labels):
+    raise RuntimeError("boom")
+
+
+def test_score_pool_turns_a_raising_task_into_its_cell(pool, monkeypatch):
+    models, y = pool
+    monkeypatch.setitem(B.METHODS, "hscore", _boom)
+    result = B.score_pool({"m0": models["m0"]}, y, ["hscore", "logme"])
+    assert result["scores"]["hscore"] == {"m0": None}
+    assert result["errors"]["hscore"] == {"m0": "RuntimeError: boom"}
+    assert result["scores"]["logme"]["m0"] == B.logme(models["m0"], y)
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_score_pool_on_executors_equals_the_serial_run(pool, kind):
+    """Same values, same order, same errors, whatever finishes first; PED's warning from a
+    worker process reaches the caller."""
+    models, y = pool
+    methods = POOL + ["ped"]
+    with pytest.warns(UserWarning, match="standardising with the target features"):
+        serial = B.score_pool(models, y, methods)
+    if kind == "threads":
+        executor = ThreadPoolExecutor(2)
+    else:       # spawn: no fork of a process whose BLAS threads are running
+        executor = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    order = []
+    with executor, pytest.warns(UserWarning, match="standardising with the target features"):
+        parallel = B.score_pool(models, y, methods, executor=executor,
+                                progress=lambda done, total, method, model, out:
+                                order.append((method, model)))
+    assert parallel == serial
+    assert json.dumps(parallel) == json.dumps(serial)            # key order included
+    assert sorted(order) == sorted((k, m) for k in methods for m in models)
+
+
+def test_blas_limit_is_restored_after_concurrent_use(pool):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+    models, y = pool
+    with ThreadPoolExecutor(4) as executor:
+        B.score_pool(models, y, ["logme", "sfda", "hscore"], executor=executor)
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
+
+
 # ============================================================================ command line
 
 @pytest.fixture
@@ -923,18 +1019,59 @@ def feature_file(tmp_path):
 def test_cli_table_and_json(feature_file, capsys):
     path, X, y = feature_file
     assert B.main(["--features", str(path), "--methods", "logme,sfda,etran"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
     assert out[0].split() == ["model", "logme", "sfda", "etran"]
     assert [line.split()[0] for line in out[1:]] == ["alpha", "beta"]
     assert float(out[1].split()[1]) == pytest.approx(B.logme(X, y), rel=1e-5)
+    progress = captured.err.splitlines()                 # one line per (method, model)
+    assert len(progress) == 6 and progress[0].startswith("[1/6] logme / alpha: ")
     assert B.main(["--features", str(path), "--labels", str(path.parent / "labels.npy"),
-                   "--methods", "logme,ncti", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["methods"] == ["logme", "ncti"]
-    assert data["dataset"] == "feats" and data["errors"] == {"logme": {}, "ncti": {}}
+                   "--methods", "logme,ncti", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    data = json.loads(captured.out)
+    assert list(data) == ["dataset", "methods", "scores", "errors"]
+    assert data["dataset"] == "feats" and data["methods"] == ["logme", "ncti"]
+    assert data["errors"] == {"logme": {}, "ncti": {}}
     assert data["scores"]["logme"]["alpha"] == pytest.approx(B.logme(X, y), rel=1e-12)
     parts = {"alpha": B.ncti_parts(X, y), "beta": B.ncti_parts(np.sqrt(X), y)}
     assert data["scores"]["ncti"]["beta"] == pytest.approx(B.combine("ncti", parts)["beta"])
+
+
+def test_cli_reads_a_folder_and_a_single_npy(feature_file, tmp_path, capsys):
+    path, X, y = feature_file
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    np.save(folder / "alpha.npy", X)
+    np.save(folder / "beta.npy", np.sqrt(X))
+    np.save(folder / "labels.npy", y)
+    assert B.main(["--features", str(folder), "--methods", "logme", "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dataset"] == "pool" and list(data["scores"]["logme"]) == ["alpha", "beta"]
+    assert data["scores"]["logme"]["alpha"] == pytest.approx(B.logme(X, y), rel=1e-12)
+    assert B.main(["--features", str(folder / "beta.npy"), "--labels", str(folder / "labels.npy"),
+                   "--methods", "logme", "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dataset"] == "beta"
+    assert data["scores"]["logme"] == {"beta": pytest.approx(B.logme(np.sqrt(X), y), rel=1e-12)}
+
+
+def test_cli_bad_model_in_a_pool_is_one_cell(feature_file, tmp_path, capsys):
+    _, X, y = feature_file
+    path = tmp_path / "bad.npz"
+    np.savez(path, good=X, zero=np.zeros_like(X), labels=y)
+    assert B.main(["--features", str(path), "--methods", "logme,etran", "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["scores"]["logme"] == {"good": pytest.approx(B.logme(X, y)), "zero": None}
+    assert data["scores"]["etran"] == {"good": 0.0, "zero": None}        # a pool of one: 0
+    assert data["errors"]["logme"]["zero"].startswith("features are constant (all zero)")
+    assert "[3/4] etran / good: parts done" in captured.err
+    assert "cells are n/a" in captured.err.splitlines()[-1] and "Traceback" not in captured.err
+    assert B.main(["--features", str(path), "--methods", "logme", "--quiet"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[0] == "zero" and "n/a (features are constant (all zero)" in table[2]
 
 
 def test_cli_ped_warning_is_one_line(feature_file, capsys):
@@ -946,20 +1083,24 @@ def test_cli_ped_warning_is_one_line(feature_file, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "logme,bogus"], "unknown method 'bogus'"),
-    (["--labels", "MISSING.npy"], "labels file not found"),
-    (["--models", "gamma"], "gamma"),
-    (["--methods", "leep"], "probabilities"),
+    (["--labels", "MISSING.npy"], "labels file not found: MISSING.npy"),
+    (["--models", "gamma"], "model(s) not in"),
+    (["--reference", "MISSING.npz", "--methods", "ped"], "--reference file not found"),
+    (["--reference", "MISSING.npz", "--methods", "logme"], "--reference is for ped"),
     (["--bogus-flag"], "unrecognized arguments"),
+    (["--methods", "logme,leep"], "leep needs the source model's class probabilities"),
 ])
 def test_cli_errors_are_one_line(feature_file, capsys, args, message):
     path, _, _ = feature_file
     assert B.main(["--features", str(path)] + args) == 1
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert err.count("\n") == 1 and err.startswith("baselines.py: error:") and message in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and captured.out == ""
+    assert "[1/" not in err                                   # nothing was scored
 
 
-def test_cli_subprocess_bad_labels(tmp_path):
+def test_cli_subprocess_bad_labels_and_closed_stdout(tmp_path):
     X, y = synth(N=50, D=6, C=3, seed=0)
     np.savez(tmp_path / "f.npz", m=X)
     np.save(tmp_path / "y.npy", y[:-1])
@@ -969,10 +1110,17 @@ def test_cli_subprocess_bad_labels(tmp_path):
                           "--labels", str(tmp_path / "y.npy"), "--methods", "logme"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr.count("\n") == 1 and "N mismatch" in run.stderr
+    assert run.stderr.count("\n") == 1 and "N mismatch: model 'm'" in run.stderr
     run = subprocess.run([sys.executable, B.__file__, "--features", str(tmp_path / "f.npz")],
                          capture_output=True, text=True, env=env)
-    assert run.returncode == 1 and "no 'labels' array" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 1 and "no 'labels' array" in run.stderr
+    assert "Traceback" not in run.stderr
+    np.savez(tmp_path / "many.npz", labels=y, **{f"m{i}": X + i for i in range(40)})
+    run = subprocess.run(f"{sys.executable} {B.__file__} --features {tmp_path / 'many.npz'} "
+                         "--methods logme,hscore --quiet | head -2", shell=True,
+                         capture_output=True, text=True, env=env)
+    assert run.stdout.splitlines()[0].split() == ["model", "logme", "hscore"]
+    assert len(run.stdout.splitlines()) == 2 and run.stderr == ""
 
 
 def test_cli_says_dense_input_is_not_for_baselines(tmp_path, capsys):
