@@ -9,7 +9,7 @@ Given the features a pre-trained model produces on a labelled downstream dataset
 linear layers through the "deparametric" approximation of how the embedding space would evolve under
 fine-tuning (Divide-and-Conquer Variational Approximation, DVA), and scores the model by the accuracy of
 the evolved embeddings on held-out samples. Higher score = the model is predicted to fine-tune better.
-Every point the paper leaves open is fixed by the project's SPEC.md; the choices are repeated below where
+Every point the paper leaves open is fixed in DESIGN.md of the project repository; the choices are repeated below where
 they are made.
 
 Usage::
@@ -30,7 +30,7 @@ G = ΘᵀΘ/B and φ(λ) = ((1 − ηλ)ⁿ − 1)/λ the push-through identity 
 an eigendecomposition of a Z×Z (or, when Z > B, B×B) matrix in float64, and the backward pass goes through
 the matrix function with the Daleckii–Krein formula. The cost is independent of n.
 
-Choices the paper leaves open (SPEC.md of the reference repository), in brief:
+Choices the paper leaves open (DESIGN.md of the project repository), in brief:
   * Θ's rows are scaled to unit norm (Config.normalize="theta"): read literally, training grows ‖Θ‖
     until (I − ηC)ⁿ explodes on real features; with unit rows every eigenvalue of C is ≤ 1. The literal
     reading is normalize="none"; a run whose propagation expands is reported diverged (score NaN).
@@ -81,7 +81,7 @@ __version__ = "0.1.0"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Defaults: every knob of the method, in one place (SPEC §1).
+# Defaults: every knob of the method, in one place (DESIGN.md §1).
 
 PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")
 
@@ -106,7 +106,7 @@ class Config:
     latent_dim: int | None = field(default=None, metadata={"help": "latent width Z ≥ K (default K)"})
     shift: bool = field(default=True, metadata={"help": "shift centres by the features' μ, σ"})
     normalize: str = field(default="theta", metadata={
-        "help": "unit-norm rows of Θ (SPEC §1a)", "choices": ("theta", "features", "none")})
+        "help": "unit-norm rows of Θ (DESIGN.md §1a)", "choices": ("theta", "features", "none")})
     c_scale: str = field(default="B", metadata={"help": "C = ΘΘᵀ/B or /B²", "choices": ("B", "B2")})
     mode: str = field(default="closed", metadata={
         "help": "closed-form propagation or Algorithm 1's explicit loop", "choices": ("closed", "explicit")})
@@ -647,7 +647,7 @@ def _work_dtype(E):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The deparametric propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T and its backward pass (SPEC §2).
+# The deparametric propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T and its backward pass (DESIGN.md §2).
 
 _THREADS = {"controller": None, "limited": False}  # controller made on first use (it scans libraries)
 
@@ -1249,7 +1249,7 @@ class _Model:
 
     def predict(self, params):
         """argmax of the evolved logits over the scoring part, cut into consecutive batches of B, each
-        evolved towards its own labels' centres (SPEC §1 step 6)."""
+        evolved towards its own labels' centres (DESIGN.md §1 step 6)."""
         rows_all, B = self.plan.score_idx, self.cfg.batch_size
         pred = np.empty(rows_all.size, dtype=np.int64)
         for start in range(0, rows_all.size, B):
