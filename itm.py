@@ -1489,14 +1489,14 @@ def make_executor(scheduler):
             client = stack.enter_context(Client(cluster))
         else:
             try:
-                client = stack.enter_context(Client(scheduler, timeout="20s"))
+                client = stack.enter_context(Client(scheduler))
             except (OSError, TimeoutError) as err:
                 raise ValueError(f"cannot reach the Dask scheduler {scheduler}: {one_line(err)}") from None
         yield _DaskExecutor(client)
 
 
 class _DaskExecutor:
-    """client.get_executor() plus share(): features scattered to the workers once, used by every task."""
+    """client.get_executor() plus share(): features sent to the cluster once, used by every task."""
 
     def __init__(self, client):
         self.client, self._executor = client, client.get_executor(retries=2, pure=False)
@@ -1505,7 +1505,15 @@ class _DaskExecutor:
         return self._executor.submit(fn, *args, **kwargs)
 
     def share(self, obj):
-        return self.client.scatter(obj, broadcast=False)
+        # a task, not scatter(): scattered data dies with its worker and a re-scatter of the same
+        # content can be cancelled by the old one's release; a task's result is recomputed elsewhere
+        import dask
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1TB"}):
+            return self.client.submit(_value, obj, pure=False)
+
+
+def _value(x):
+    return x
 
 
 def weighted_tau(scores, truth):

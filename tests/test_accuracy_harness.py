@@ -316,8 +316,6 @@ def test_score_pool_keeps_task_order():
 
 
 @pytest.mark.skipif(not hasattr(itm, "make_executor"), reason="itm.make_executor (issue 15) not in itm.py yet")
-@pytest.mark.xfail(strict=False, reason="KNOWN FLAKY: passes alone, raised CancelledError once when run after the "
-                   "rest of this file; not yet understood (see the closing note of the cross-fitting work)")
 def test_dask_scheduler_gives_the_serial_results(shared, first):
     pytest.importorskip("distributed")
     with accuracy.make_executor(scheduler="local:2") as executor:
