@@ -1116,14 +1116,14 @@ def prepare(features, labels, cfg):
                          "pass a smaller batch_size")
     if cfg.latent_dim is not None and cfg.latent_dim < classes.size:
         raise ValueError(f"latent_dim={cfg.latent_dim} is smaller than the number of classes K={classes.size}")
-    if image is not None and np.unique(image[y >= 0]).size < 2:
+    units = N if image is None else np.unique(image[y >= 0]).size   # what the folds divide
+    if image is not None and units < 2:
         raise ValueError("segmentation needs at least 2 images with labelled pixels")
     prep = preprocessing(E, cfg.preprocess, 1e-6 if cfg.reading == "authors" else None,
                          None if image is None else np.flatnonzero(y >= 0))
     fold_of = None
     if cfg.folds > 1:
         rng = np.random.default_rng(cfg.seed)
-        units = np.unique(image[y >= 0]).size if image is not None else N
         if units < cfg.folds:
             raise ValueError(f"folds={cfg.folds} needs at least {cfg.folds} "
                              f"{'images' if image is not None else 'samples'}, got {units}")
@@ -1314,7 +1314,7 @@ def _score(features, labels, cfg, threads=1):
     """Every fold of one model: train on the other folds, score this one; aggregate. threads > 1 runs
     that many folds at once, each on one BLAS thread (the folds are independent: the same scores)."""
     start = time.perf_counter()
-    data = prepare(np.asarray(features) if not isinstance(features, np.ndarray) else features, labels, cfg)
+    data = prepare(np.asarray(features), labels, cfg)
     plans = [_plan(data, cfg, fold) for fold in range(cfg.folds)]
     n = [plan.n for plan in plans]
     runs = _map_folds(lambda plan: _fold_run(data, plan, cfg), plans, threads)
@@ -1390,7 +1390,7 @@ def rank(feature_sets: Mapping[str, np.ndarray], labels, config=None, progress=N
 def score_grid(feature_sets, labels, configs, progress=None, jobs=1, executor=None, errors="raise"):
     """Every model under every Config (seeds, readings, ...): [{name: Result} in input order, one dict
     per config]. A model's features travel to an executor once, whatever the number of configs
-    (Executor.share, where the executor has it, e.g. Dask's scatter)."""
+    (Executor.share, where the executor has it: make_executor's sends each model's features once)."""
     if len(feature_sets) == 0:
         raise ValueError("no models to rank")
     if errors not in ("raise", "report"):
@@ -1463,7 +1463,7 @@ def _process_pool(feature_sets, labels, jobs):
     """`jobs` forked worker processes that inherit the features, the BLAS threads divided among them."""
     import concurrent.futures as cf
     import multiprocessing as mp
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, _cores() // jobs)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     return cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_init,
                                   initargs=(threads, dict(feature_sets), labels))
@@ -1648,10 +1648,10 @@ def _load_npz(path):
     return arrays, labels
 
 
-def load_truth(path, target=None):
+def load_truth(path, target=None, dataset=None):
     """{model: fine-tuned accuracy} from a JSON file that is either that object itself or a ground-truth
     file {target: {model: accuracy}, ...} (metadata entries that are not such tables are ignored): the
-    table named `target`, or the only table there is."""
+    table named `target`; else the one named like `dataset`, where there is one; else the only table."""
     try:
         with open(path) as fh:
             doc = json.load(fh)
@@ -1668,6 +1668,8 @@ def load_truth(path, target=None):
         if target not in tables:
             raise ValueError(f"{path} has no table {target!r} (tables: {', '.join(tables) or 'none'})")
         return {k: float(v) for k, v in tables[target].items()}
+    if dataset in tables:
+        return {k: float(v) for k, v in tables[dataset].items()}
     if len(tables) != 1:
         raise ValueError(f"{path} holds {len(tables)} tables ({', '.join(tables) or 'none'}); "
                          "name one (--target)" if tables else
@@ -1685,15 +1687,22 @@ def dataset_name(path):
     return base[:-4] if base.endswith((".npz", ".npy")) else base
 
 
+def check_output(path, what="output path"):
+    """Refuse an output that cannot be written: a folder, or a file in a folder that does not exist."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {what} {path}: {folder} is not an existing folder")
+
+
 def write_atomic(path, write, binary=False):
     """write(file) into a temporary file beside `path`, fsync, rename: readers see the old file or the new
     one, and nothing is left behind on error."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"output path {path} is a folder; give a file name")
+    check_output(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path}: {folder} is not an existing folder")
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as fh:
@@ -1793,9 +1802,8 @@ def _check_args(args):
     if args.features is None and (args.labels or args.models):
         raise ValueError("--labels/--models need --features")
     for option in ("out", "plot"):
-        path = getattr(args, option)
-        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
-            raise ValueError(f"--{option} {path}: not a file in an existing folder")
+        if getattr(args, option) is not None:
+            check_output(getattr(args, option), f"--{option}")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -1932,7 +1940,7 @@ def _main(argv):
         models = args.models.split(",") if args.models else None
         feature_sets, labels = load_features(args.features, args.labels, models)
         dataset = dataset_name(args.features)
-        truth = load_truth(args.truth, args.target or _table_for(args.truth, dataset)) if args.truth else None
+        truth = load_truth(args.truth, args.target, dataset) if args.truth else None
     if np.ndim(labels) == 1:
         encode_labels(labels)                            # bad labels fail once, before any model runs
     note = _compile_note()
@@ -1959,16 +1967,6 @@ def _main(argv):
                   "its features carry little class information here", file=sys.stderr)
     _report(ranking, truth, args, dataset, cfg)
     return 0
-
-
-def _table_for(path, dataset):
-    """The truth table named like the dataset, when the truth file has one (else let load_truth decide)."""
-    try:
-        with open(path) as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None                                      # load_truth reports it
-    return dataset if isinstance(doc, dict) and isinstance(doc.get(dataset), dict) else None
 
 
 if __name__ == "__main__":
