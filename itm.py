@@ -574,7 +574,12 @@ class _Prepared:
 
     def __getitem__(self, rows):
         X = convert(self.E[rows], self.dtype)                # rows×D (a view for a float32 slice)
-        X = (X - self._c) * self._s if self._c is not None else X * self._s
+        # in place where X is a copy: fresh rows×D temporaries per batch cost more than the arithmetic
+        out = None if np.may_share_memory(X, self.E) else X
+        if self._c is not None:
+            X = np.subtract(X, self._c, out=out)
+            out = X
+        X = np.multiply(X, self._s, out=out)
         if self.prep.unit_rows:
             X /= np.maximum(np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64)), 1e-300)[:, None] \
                 .astype(self.dtype)

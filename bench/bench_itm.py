@@ -9,7 +9,9 @@ of the only large products ITM must do — E_b @ W_z and E_bᵀ @ dΘ for every 
 for every scoring batch — timed alone, in the same process. "eigh alone" times the float64
 eigendecompositions SPEC §2 requires (one per training step and per scoring batch), which lie on the
 critical path between those products: floor + eigh is a lower bound for any implementation of the SPEC.
-The script also times itm.rank over 4 models with jobs=1 and jobs=2 (throughput when ranking a zoo).
+The default protocol trains one model per fold (k = Config.folds), so its floor is k × the floor of one
+fold's plan; the script sets the default beside k × floor and beside the paper's single-split protocol
+(preset "paper"). It also times itm.rank over 4 models with jobs=1 and jobs=2 (throughput when ranking a zoo).
 Ratios are what to read; absolute seconds depend on the machine and on what else runs on it.
 """
 import argparse
@@ -79,6 +81,21 @@ def flop_floor(E, plan, cfg):
     for _ in range(checkpoints):
         score @ W                                     # the scoring passes
     return time.perf_counter() - start
+
+
+def folds_floor(E, y, cfg):
+    """k × the floor: flop_floor of every fold's plan (each fold trains as many iterations on (k−1)/k of
+    the rows and scores its own 1/k)."""
+    return sum(flop_floor(E, itm.make_plan(E, y, cfg, fold=f), cfg) for f in range(cfg.folds))
+
+
+def protocol_costs(E, y, rounds):
+    """Median seconds of the default (k folds) and of the paper protocol (one split), each beside its floor."""
+    out = {}
+    for name, cfg in (("default", itm.Config()), ("paper", itm.preset("paper"))):
+        out[name] = (median_seconds(rounds, itm.itm_score, E, y, cfg),
+                     float(np.median([folds_floor(E, y, cfg) for _ in range(rounds)])), cfg.folds)
+    return out
 
 
 def spectral_floor(plan, cfg):
@@ -173,6 +190,18 @@ def test_flop_floor(benchmark, data):
     benchmark.extra_info.update(shape=name)
 
 
+def test_itm_paper_protocol(benchmark, data):
+    name, E, y = data
+    result = benchmark.pedantic(itm.itm_score, args=(E, y, itm.preset("paper")), rounds=3, iterations=1)
+    benchmark.extra_info.update(shape=name, score=result.score, n=result.n)
+
+
+def test_folds_floor(benchmark, data):
+    name, E, y = data
+    benchmark.pedantic(folds_floor, args=(E, y, itm.Config()), rounds=3, iterations=1)
+    benchmark.extra_info.update(shape=name)
+
+
 def test_spectral_floor(benchmark, data):
     name, E, y = data
     cfg = itm.Config()
@@ -233,12 +262,29 @@ def median_seconds(rounds, fn, *args):
     return float(np.median(times))
 
 
+def print_protocol_costs(rounds):
+    """The cost of cross-fitting at the CIFAR-100 shape: default vs k × floor vs the paper protocol."""
+    N, D, K = SHAPES["cifar100_r50"]
+    E, y = synthetic(N, D, K)
+    itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)
+    costs = protocol_costs(E, y, rounds)
+    print("| protocol (CIFAR-100 shape, one model) | median s | k × FLOP floor s | ratio |")
+    print("|---|---|---|---|")
+    for name, (seconds, floor, k) in costs.items():
+        print(f"| {name} (k = {k}) | {seconds:.2f} | {floor:.2f} | {seconds / floor:.2f} |")
+    print(f"\ndefault / paper protocol: {costs['default'][0] / costs['paper'][0]:.2f}×\n", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="only the CIFAR-100-shaped case")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--protocol-only", action="store_true", help="only the default-vs-paper protocol table")
     args = p.parse_args(argv)
+    print_protocol_costs(args.rounds)
+    if args.protocol_only:
+        return 0
     print("| features (N × D, K) | ITM median s | FLOP floor s | ITM / floor | eigh alone s | floor + eigh s | "
           "ITM / (floor + eigh) | NumPy-only s | torch naive s (scaled) | torch / ITM |")
     print("|---|---|---|---|---|---|---|---|---|---|")
