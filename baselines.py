@@ -77,6 +77,7 @@ Example::
 Command line (model × method table; ``--json`` for {dataset, methods, scores, errors})::
 
     python baselines.py --features feats.npz --methods logme,sfda,etran
+    python baselines.py --features feats.npz --scheduler local:4     # on a Dask cluster (or --jobs 4)
 
 Dependencies: NumPy; numba (optional, see ``HAVE_NUMBA``); scikit-learn only for ``nleep``
 (optional extra ``baselines``), imported when ``nleep`` is called.
@@ -93,7 +94,7 @@ import sys
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -101,6 +102,8 @@ try:  # installed: a module of the itm_transferability package; in a checkout or
     from . import itm
 except ImportError:
     import itm
+
+PROG = itm.prog_name("baselines.py", "itm-baselines")  # the name in this CLI's messages
 
 try:
     if os.environ.get("ITM_NO_NUMBA", "") not in ("", "0"):
@@ -1679,7 +1682,7 @@ def _run_tasks(args, executor, report):
             outcomes[i] = _score_task(*a)
             report(i, i + 1, outcomes[i])
         return outcomes
-    futures = {executor.submit(_score_task, *a): i for i, a in enumerate(args)}
+    futures = {executor.submit(_score_task, *a): i for i, a in enumerate(_shared(args, executor))}
     for done, future in enumerate(as_completed(futures), 1):
         i = futures[future]
         try:
@@ -1690,6 +1693,21 @@ def _run_tasks(args, executor, report):
             warnings.warn(message, category, stacklevel=2)
         report(i, done, outcomes[i])
     return outcomes
+
+
+def _shared(args, executor):
+    """The tasks' arguments with each model's features and the labels sent once, where the
+    executor can (``share``, as itm.make_executor's has), instead of once per method."""
+    share = getattr(executor, "share", None)
+    if share is None:
+        return args
+    sent = {}                          # by id: the arrays stay alive in ``args`` meanwhile
+
+    def once(x):
+        if id(x) not in sent:
+            sent[id(x)] = share(x)
+        return sent[id(x)]
+    return [(method, once(F), once(y), kwargs, pid) for method, F, y, kwargs, pid in args]
 
 
 def _score_task(method, features, labels, kwargs, parent_pid):
@@ -1749,7 +1767,7 @@ def _default_methods():
 
 
 def _parser():
-    p = itm.CLIParser(prog="baselines.py", description="Score pre-trained models with the "
+    p = itm.CLIParser(prog=PROG, description="Score pre-trained models with the "
                       "baseline transferability-estimation methods (higher = better).")
     p.add_argument("--features", required=True, help=".npz with one N×D array per model (and "
                    "optionally 'labels'), one model's .npy (with --labels), or a folder of "
@@ -1763,7 +1781,32 @@ def _parser():
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a "
                    "table: {dataset, methods, scores: {method: {model: score or null}}, errors}")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--jobs", type=int, default=1, help="score this many cells (method × model) in "
+                   "parallel processes")
+    p.add_argument("--scheduler", help="score on a Dask cluster: a scheduler address "
+                   "(tcp://host:8786), or local:N for N worker processes on this machine (needs "
+                   "the cluster extra)")
     return p
+
+
+def _check_parallel(args):
+    """As itm's CLI: checked before anything is loaded."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+    if args.scheduler is not None and args.jobs != 1:
+        raise ValueError("give --jobs or --scheduler, not both")
+
+
+def _cli_executor(args):
+    """The executor the pool runs on (None: serially, here), as a context manager: a Dask
+    cluster's (itm.make_executor: no Dask is a one-line error), or forked processes."""
+    if args.scheduler is not None:
+        return itm.make_executor(args.scheduler)
+    if args.jobs > 1:
+        import multiprocessing as mp
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        return ProcessPoolExecutor(args.jobs, mp_context=ctx)
+    return contextlib.nullcontext()
 
 
 def _load_inputs(args, methods):
@@ -1829,17 +1872,20 @@ def _progress_printer(quiet):
 
 def _main(argv):
     args = _parser().parse_args(argv)
+    _check_parallel(args)
     methods = _check_cli_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()])
     feature_sets, labels, reference = _load_inputs(args, methods)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = score_pool(feature_sets, labels, methods, progress=_progress_printer(args.quiet),
-                            reference_features=reference)
+        with _cli_executor(args) as executor:
+            result = score_pool(feature_sets, labels, methods, executor,
+                                progress=_progress_printer(args.quiet),
+                                reference_features=reference)
     for message in dict.fromkeys(itm.one_line(w.message) for w in caught):
-        print(f"baselines.py: warning: {message}", file=sys.stderr)
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     failed = sum(len(e) for e in result["errors"].values())
     if failed:
-        print(f"baselines.py: warning: {failed} of {len(methods) * len(feature_sets)} cells are "
+        print(f"{PROG}: warning: {failed} of {len(methods) * len(feature_sets)} cells are "
               "n/a (the reasons are in the table / under \"errors\")", file=sys.stderr)
     if args.json:
         print(json.dumps({"dataset": itm.dataset_name(args.features), "methods": methods,
@@ -1856,4 +1902,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the module itself, not as __main__: the tasks sent to a Dask cluster then name their
+    # functions, instead of cloudpickle copying this script's globals (locks included) by value
+    import importlib
+    sys.exit(importlib.import_module(__spec__.name if __spec__ else
+                                     os.path.splitext(os.path.basename(__file__))[0]).main())

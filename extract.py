@@ -44,6 +44,8 @@ try:  # installed: a module of the itm_transferability package; in a checkout or
 except ImportError:
     import itm
 
+PROG = itm.prog_name("extract.py", "itm-extract")  # the name in this CLI's messages
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -1172,7 +1174,7 @@ def _same_labels(stored: np.ndarray, new: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = itm.CLIParser(prog="extract.py", description=__doc__.split("\n\n")[0],
+    p = itm.CLIParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="", help="comma-separated model names (--list shows them)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}; with --dense: {', '.join(SEG_DATASETS)}")
@@ -1285,7 +1287,7 @@ def _main(argv: list[str] | None) -> int:
         return status
     except KeyboardInterrupt:
         where = f"; finished models are in {args.out}" if args.out else ""
-        print(f"\nextract.py: interrupted{where}", file=sys.stderr)
+        print(f"\n{PROG}: interrupted{where}", file=sys.stderr)
         return 130
 
 

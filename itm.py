@@ -528,8 +528,6 @@ def preprocessing(E, kind, std_floor=None, rows=None):
     to norm 1. rows, if given, limits the statistics to those rows (segmentation: labelled positions). The statistics are taken on E·2⁻ᵉ, 2ᵉ the largest |entry| rounded up to a power of two,
     so that features × 1e±200 neither overflow nor underflow and a power-of-two factor on E changes c and
     s by exactly that factor: the scores are then bit-identical."""
-    if kind == "none":
-        return None
     N, D = (E.shape[0] if rows is None else rows.size), E.shape[1]
     pieces = (lambda: (E[s] for s in _slices(*E.shape))) if rows is None else \
         (lambda: (E[r] for r in _chunks(rows, D)))
@@ -549,6 +547,8 @@ def preprocessing(E, kind, std_floor=None, rows=None):
     var = np.maximum(s2 / N - (s1 / N) ** 2, 0.0)
     if not np.any(var > (1e-12 * np.max(np.abs(mean))) ** 2):
         raise ValueError("features are the same for every sample (no information to rank by)")
+    if kind == "none":                                   # checked all the same: never a silent chance score
+        return None
     if kind == "rms":
         return Prep(None, p / math.sqrt(sq / N))
     if kind == "unit_rows":
@@ -909,7 +909,12 @@ def encode_labels(labels, N=None, min_count=2):
         labels = labels.astype(np.int64)
     elif labels.dtype.kind not in "iubUSO":
         raise ValueError(f"labels must be integers or strings, got dtype {labels.dtype}")
-    classes, y = np.unique(labels, return_inverse=True)
+    try:
+        classes, y = np.unique(labels, return_inverse=True)
+    except TypeError:                                    # an object array mixing e.g. str and int
+        kinds = sorted({type(v).__name__ for v in labels.tolist()})
+        raise ValueError(f"labels mix types ({', '.join(kinds)}); give one type: integer ids or "
+                         "strings") from None
     if classes.size < 2:
         raise ValueError(f"labels contain a single class ({classes[0]!r}); ranking needs at least 2")
     counts = np.bincount(y)
@@ -1729,6 +1734,12 @@ def one_line(err):
 # CLI. The four tools share one convention: a usage or input error is one line `PROG: error: ...` on
 # stderr and exit status 1; --help exits 0; results go to stdout, progress and notes to stderr.
 
+def prog_name(script, command):
+    """What a CLI calls itself in its messages: the installed command's name when run as that command
+    (itm-baselines), else the script's file name (baselines.py)."""
+    return command if os.path.basename(sys.argv[0] or "") == command else script
+
+
 class CLIParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -1819,8 +1830,10 @@ def _check_args(args):
 def _within_noise(a, b):
     """Is the difference between two models' scores within noise? Their fold scores are paired (the
     same folds for every model): yes when |mean of the differences| ≤ 2 standard errors of that mean."""
+    if a.diverged or b.diverged or a.error or b.error or len(a.fold_scores) != len(b.fold_scores):
+        return False
     d = np.subtract(a.fold_scores, b.fold_scores)
-    if d.size < 2 or a.diverged or b.diverged or a.error or b.error:
+    if d.size < 2:
         return False
     return bool(abs(d.mean()) <= 2.0 * d.std(ddof=1) / math.sqrt(d.size))
 

@@ -62,6 +62,8 @@ try:  # installed: a module of the itm_transferability package; in a checkout or
 except ImportError:
     import itm
 
+PROG = itm.prog_name("kendall.py", "itm-kendall")  # the name in this CLI's messages
+
 try:
     if os.environ.get("ITM_NO_NUMBA", "") not in ("", "0"):
         raise ImportError("disabled by ITM_NO_NUMBA")
@@ -516,7 +518,7 @@ def stability(scores_by_method, truth, k=10, *, weigher=None, additive=True, mis
 # ----------------------------------------------------------------------------------------------------
 
 def _parse_args(argv):
-    p = itm.CLIParser(prog="kendall.py", description="Rank-correlation metrics of transferability scores "
+    p = itm.CLIParser(prog=PROG, description="Rank-correlation metrics of transferability scores "
                       "(higher = better) against fine-tuned accuracy.")
     p.add_argument("--scores", required=True, action="append", metavar="FILE",
                    help='JSON {"dataset": NAME or null, "scores": {method: {model: score or null}}} (what '
@@ -773,7 +775,7 @@ def _main(argv):
             text = _run(args)
         finally:  # notes (dropped models, undefined metrics) as single lines, each once
             for note in dict.fromkeys(str(w.message) for w in caught):
-                print(f"kendall.py: note: {' '.join(note.split())}", file=sys.stderr)
+                print(f"{PROG}: note: {' '.join(note.split())}", file=sys.stderr)
     # Flushed here, so a reader that left (`| head -1`) raises inside run_cli, which ends quietly.
     print(text, flush=True)
     return 0

@@ -1,9 +1,12 @@
 """rank() and score_grid() on a real Dask cluster: a LocalCluster of 2 single-threaded worker processes on
 127.0.0.1, started once for the module through itm.make_executor. The same scores and order as serial, a
-worker process lost in the middle of a pool, a bad model failing alone, and the CLI's --scheduler."""
+worker process lost in the middle of a pool, a bad model failing alone, and the CLI's --scheduler; then
+baselines.py's CLI on a cluster (and --jobs): the serial table, a bad model's cells n/a, itm's usage errors."""
 import dataclasses
 import json
 import os
+import re
+import sys
 import threading
 import time
 
@@ -12,6 +15,7 @@ import numpy as np
 import psutil                       # a dependency of distributed: the worker processes left behind
 import pytest
 
+import baselines
 import itm
 
 CFG = itm.Config(iterations=20, batch_size=32, eval_every=10)
@@ -209,3 +213,122 @@ def test_cli_unreachable_scheduler_is_one_line_error(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("itm: error: ") and "tcp://127.0.0.1:1" in lines[0], err
     assert elapsed < 30, f"took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------- baselines.py
+
+BASELINE_METHODS = "logme,sfda,etran,ncti,sa,parc,gbc,transrate,hscore,reg_hscore"   # pool-relative ones included
+PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] (\w+) / (\w+): (.+) \(\d+\.\d\d s\)$")
+
+
+def _baselines_cli(capsys, *argv):
+    rc = baselines.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _pool_npz(path, bad=None):
+    """3 of the zoo's models (distinct scores), with `bad` first where given."""
+    feats, labels = _zoo()
+    feats = {name: feats[name] for name in ("synthetic_0", "synthetic_2", "synthetic_4")}
+    if bad is not None:
+        feats = {"bad_model": bad, **feats}
+    np.savez(path, labels=labels, **feats)
+    return str(path), list(feats)
+
+
+def _serial_json(capsys, npz):
+    rc, out, err = _baselines_cli(capsys, "--features", npz, "--methods", BASELINE_METHODS, "--json", "--quiet")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def _progress_cells(err, total):
+    """The (method, model) of each progress line, checking they count 1..total as results arrive."""
+    lines = [PROGRESS.match(line) for line in err.splitlines() if line.startswith("[")]
+    assert [(int(m[1]), int(m[2])) for m in lines] == [(i, total) for i in range(1, total + 1)], err
+    return [(m[3], m[4], m[5]) for m in lines]
+
+
+def _same_json(got, want):
+    """Exactly the serial scores and errors, and the serial order of methods and models."""
+    assert got == want
+    assert got["methods"] == want["methods"] and list(got["scores"]) == list(want["scores"])
+    assert all(list(got["scores"][k]) == list(want["scores"][k]) for k in want["scores"])
+
+
+@pytest.mark.parametrize("parallel", [["--scheduler", "local:2"], ["--jobs", "2"]], ids=["local-cluster", "jobs"])
+def test_baselines_cli_parallel_prints_the_serial_scores(executor, tmp_path, capsys, parallel):
+    npz, models = _pool_npz(tmp_path / "pool.npz")
+    want = _serial_json(capsys, npz)
+    assert len({want["scores"]["logme"][m] for m in models}) == 3       # distinct: the order is a real check
+    rc, out, err = _within(BOUND_S, _baselines_cli, capsys, "--features", npz, "--methods", BASELINE_METHODS,
+                           "--json", *parallel)
+    assert rc == 0, err
+    _same_json(json.loads(out), want)
+    methods = BASELINE_METHODS.split(",")
+    cells = _progress_cells(err, len(methods) * len(models))
+    assert sorted((k, m) for k, m, _ in cells) == sorted((k, m) for k in methods for m in models)
+
+
+def test_baselines_cli_bad_model_fails_alone_on_cluster(cluster, tmp_path, capsys):
+    """On a running scheduler (the module's, by address): the all-zero model's cells are n/a with the reason,
+    the others are the serial run's, and the models without it score as in a pool without it (for the
+    pool-relative methods the normalisation leaves the failed model out)."""
+    address = cluster.client.scheduler.address
+    npz, models = _pool_npz(tmp_path / "pool.npz", bad=np.zeros((240, 16), np.float32))
+    want = _serial_json(capsys, npz)
+    rc, out, err = _within(BOUND_S, _baselines_cli, capsys, "--features", npz, "--methods", BASELINE_METHODS,
+                           "--json", "--quiet", "--scheduler", address)
+    assert rc == 0, err
+    got = json.loads(out)
+    _same_json(got, want)
+    methods = BASELINE_METHODS.split(",")
+    reason = "features are constant (all zero): nothing to rank by"
+    assert got["errors"] == {k: {"bad_model": reason} for k in methods}
+    assert all(got["scores"][k]["bad_model"] is None for k in methods)
+    without = _serial_json(capsys, _pool_npz(tmp_path / "good.npz")[0])
+    assert all(got["scores"][k][m] == without["scores"][k][m] for k in methods for m in models[1:])
+    assert f"{len(methods)} of {len(methods) * len(models)} cells are n/a" in err
+
+    rc, out, err = _within(BOUND_S, _baselines_cli, capsys, "--features", npz, "--methods", BASELINE_METHODS,
+                           "--scheduler", address)
+    assert rc == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("bad_model "))
+    assert row.count(f"n/a ({reason})") == len(methods), row
+    bad_cells = [what for k, m, what in _progress_cells(err, len(methods) * len(models)) if m == "bad_model"]
+    assert bad_cells == [f"n/a ({reason})"] * len(methods)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scheduler", "local:2", "--jobs", "2"], "give --jobs or --scheduler, not both"),
+    (["--jobs", "0"], "--jobs must be ≥ 1, got 0")])
+def test_parallel_usage_errors_match_itm(tmp_path, capsys, argv, message):
+    """One line, exit 1, before the (missing) features are read; worded as itm's CLI words it."""
+    missing = str(tmp_path / "missing.npz")
+    for main, prog in ((baselines.main, "baselines.py"), (itm.main, "itm")):
+        rc = main(["--features", missing, *argv])
+        out, err = capsys.readouterr()
+        assert (rc, out, err) == (1, "", f"{prog}: error: {message}\n")
+
+
+def test_baselines_cli_scheduler_without_dask_fails_before_scoring(tmp_path, capsys, monkeypatch):
+    npz, _ = _pool_npz(tmp_path / "pool.npz")
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)           # `from dask.distributed import` fails
+    monkeypatch.setattr(baselines, "score_pool", lambda *a, **k: pytest.fail("scored without Dask"))
+    rc, out, err = _baselines_cli(capsys, "--features", npz, "--methods", "logme", "--scheduler", "local:2")
+    assert (rc, out) == (1, "")
+    assert err == "baselines.py: error: --scheduler needs Dask: pip install 'itm-transferability[cluster]'\n"
+
+
+def test_score_pool_on_cluster_shares_each_array_once(cluster):
+    """3 methods × 3 models: each model's features and the labels travel to the cluster once, not per cell."""
+    feats, labels = _zoo()
+    feats = {name: feats[name] for name in ("synthetic_0", "synthetic_2", "synthetic_4")}
+    methods = ["logme", "etran", "sfda"]
+    want = baselines.score_pool(feats, labels, methods)
+    counting = _Counting(cluster)
+    got = _within(BOUND_S, baselines.score_pool, feats, labels, methods, executor=counting)
+    assert got == want and not any(got["errors"].values())
+    assert sorted(counting.shared.count(id(x)) for x in [labels, *feats.values()]) == [1] * 4
+    assert len(counting.shared) == 4

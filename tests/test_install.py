@@ -150,7 +150,15 @@ def test_console_script_help(installed, script):
     assert exe.exists(), sorted(p.name for p in installed["bin"].iterdir())
     out = installed["run"](exe, "--help")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("usage: ") and "--help" in out.stdout
+    assert out.stdout.startswith(f"usage: {script} ") and "--help" in out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_console_script_errors_name_the_command(installed, tmp_path, script):
+    """A usage error from an installed command names that command, not the module file behind it."""
+    out = installed["run"](installed["bin"] / script, "--no-such-option")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith(f"{script}: error: ") and len(out.stderr.splitlines()) == 1, out.stderr
 
 
 def test_itm_without_arguments_ranks_the_bundled_flowers17_example(installed):
