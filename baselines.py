@@ -91,10 +91,9 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -105,19 +104,7 @@ except ImportError:
 
 PROG = itm.prog_name("baselines.py", "itm-baselines")  # the name in this CLI's messages
 
-try:
-    if os.environ.get("ITM_NO_NUMBA", "") not in ("", "0"):
-        raise ImportError("disabled by ITM_NO_NUMBA")
-    import numba
-
-    HAVE_NUMBA = True
-except ImportError:
-    numba, HAVE_NUMBA = None, False
-
-try:  # optional: single-threaded BLAS inside LAPACK calls (10-100x faster on small, busy machines)
-    from threadpoolctl import ThreadpoolController
-except ImportError:
-    ThreadpoolController = None
+numba, HAVE_NUMBA = itm.numba, itm.HAVE_NUMBA  # one numba guard (and ITM_NO_NUMBA), in itm.py
 
 __all__ = [
     "logme", "leep", "nce", "hscore", "reg_hscore", "transrate", "nleep", "parc", "gbc",
@@ -194,13 +181,17 @@ def _check_inputs(features, labels, name="features"):
     if np.array_equal(hi, lo):
         what = "all zero" if not hi.any() else "every dimension takes a single value"
         raise ValueError(f"{name} are constant ({what}): nothing to rank by")
+    return (X, *_labels_for(labels, X.shape[0], name))
+
+
+def _labels_for(labels, N, what):
+    """``(y, C)`` of labels for the N rows of ``what``: one label per row, C >= 2 classes."""
     y, classes = encode_labels(labels)
-    if len(y) != X.shape[0]:
-        raise ValueError(f"N mismatch: {name} have {X.shape[0]} rows but labels have "
-                         f"{len(y)} entries")
+    if len(y) != N:
+        raise ValueError(f"N mismatch: {what} have {N} rows but labels have {len(y)} entries")
     if len(classes) < 2:
         raise ValueError(f"need at least 2 classes, labels contain only one ({classes[0]!r})")
-    return X, y, len(classes)
+    return y, len(classes)
 
 
 # ============================================================================== shared numerics
@@ -320,39 +311,7 @@ def _sym(A):
     return (A + A.T) / 2.0
 
 
-_THREADS = {}  # ThreadpoolController per set of loaded BLAS users (it inspects loaded libraries)
-_LIMIT = {"depth": 0, "limiters": {}, "lock": threading.Lock()}
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """LAPACK (eigh, solve, svd, cholesky) runs single-threaded: with two OpenBLAS threads on
-    a busy 2-core machine it is 10-100x slower (measured: eigh 2048² 28 s vs 3 s), while the
-    large products get the cores from ``_map_blocks``' threads. SciPy (used by scikit-learn's
-    mixture) ships its own OpenBLAS, so once it is loaded a second controller limits it too.
-
-    The limit is process-wide, so nested and concurrent uses (``score_pool`` on threads) share
-    it: the first to enter sets it, the last to leave restores the original thread counts.
-    """
-    if ThreadpoolController is None:
-        yield
-        return
-    with _LIMIT["lock"]:
-        key = "scipy.linalg" in sys.modules
-        if key not in _LIMIT["limiters"]:
-            if key not in _THREADS:
-                _THREADS[key] = ThreadpoolController()
-            _LIMIT["limiters"][key] = _THREADS[key].limit(limits=1, user_api="blas")
-        _LIMIT["depth"] += 1
-    try:
-        yield
-    finally:
-        with _LIMIT["lock"]:
-            _LIMIT["depth"] -= 1
-            if _LIMIT["depth"] == 0:
-                for limiter in reversed(list(_LIMIT["limiters"].values())):
-                    limiter.restore_original_limits()
-                _LIMIT["limiters"].clear()
+_one_blas_thread = itm._one_blas_thread  # one process-wide BLAS limiter for every module
 
 
 def _threads_by_size(func):
@@ -717,13 +676,8 @@ def leep(features, labels, *, log=True, from_logits=False):
     instability"): ``log=False``. ``from_logits=True`` applies a row softmax first.
     """
     P = _check_probabilities(features, from_logits)
-    y, classes = encode_labels(labels)
-    if len(y) != P.shape[0]:
-        raise ValueError(f"N mismatch: source probabilities have {P.shape[0]} rows but labels "
-                         f"have {len(y)} entries")
-    if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes, labels contain only one ({classes[0]!r})")
-    return _leep_from_posteriors(P, y, len(classes), log)
+    y, C = _labels_for(labels, P.shape[0], "source probabilities")
+    return _leep_from_posteriors(P, y, C, log)
 
 
 def nce(features, labels):
@@ -1193,23 +1147,24 @@ def _logsumexp_rows_numpy(X):
     return out
 
 
-if HAVE_NUMBA:
-    @numba.njit(cache=True)
-    def _logsumexp_rows_numba(X):
-        """Fused per-row max + Σ exp in float64: no N×D temporaries."""
-        N, D = X.shape
-        out = np.empty(N)
-        for i in range(N):
-            m = -np.inf
-            for j in range(D):
-                v = np.float64(X[i, j])
-                if v > m:
-                    m = v
-            acc = 0.0
-            for j in range(D):
-                acc += np.exp(np.float64(X[i, j]) - m)
-            out[i] = m + np.log(acc)
-        return out
+def _logsumexp_rows_loop(X):
+    """Fused per-row max + Σ exp in float64: no N×D temporaries."""
+    N, D = X.shape
+    out = np.empty(N)
+    for i in range(N):
+        m = -np.inf
+        for j in range(D):
+            v = np.float64(X[i, j])
+            if v > m:
+                m = v
+        acc = 0.0
+        for j in range(D):
+            acc += np.exp(np.float64(X[i, j]) - m)
+        out[i] = m + np.log(acc)
+    return out
+
+
+_logsumexp_rows_numba = itm._njit(_logsumexp_rows_loop)   # None without numba
 
 
 def _logsumexp_rows(X):
@@ -1789,23 +1744,13 @@ def _parser():
     return p
 
 
-def _check_parallel(args):
-    """As itm's CLI: checked before anything is loaded."""
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
-    if args.scheduler is not None and args.jobs != 1:
-        raise ValueError("give --jobs or --scheduler, not both")
-
-
 def _cli_executor(args):
     """The executor the pool runs on (None: serially, here), as a context manager: a Dask
     cluster's (itm.make_executor: no Dask is a one-line error), or forked processes."""
     if args.scheduler is not None:
         return itm.make_executor(args.scheduler)
     if args.jobs > 1:
-        import multiprocessing as mp
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        return ProcessPoolExecutor(args.jobs, mp_context=ctx)
+        return itm._sibling("itm_parallel", "--jobs").fork_pool(args.jobs)
     return contextlib.nullcontext()
 
 
@@ -1872,7 +1817,7 @@ def _progress_printer(quiet):
 
 def _main(argv):
     args = _parser().parse_args(argv)
-    _check_parallel(args)
+    itm.check_parallel(args)
     methods = _check_cli_methods([m.strip().lower() for m in args.methods.split(",") if m.strip()])
     feature_sets, labels, reference = _load_inputs(args, methods)
     with warnings.catch_warnings(record=True) as caught:

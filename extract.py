@@ -714,7 +714,7 @@ class _Transformed(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------- segmentation datasets
 
 SEG_DATASETS = ["voc2012", "voc2007", "cityscapes", "segfolder"]
-IGNORE = 255  # label-map value of unlabelled pixels (as in itm.py)
+IGNORE = itm.IGNORE  # label-map value of unlabelled pixels
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _MASK_MODES = ("L", "P", "I", "I;16", "1")
 

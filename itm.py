@@ -23,7 +23,13 @@ Usage::
     $ python itm.py                                          # the bundled example
 
 Notation used throughout: N samples, D feature width, K classes, B batch size, Z latent width (= K with
-one-hot centres), n the number of deparametric steps.
+one-hot centres), n the number of deparametric steps; F the features (N×D), X a batch (or chunk) of its
+rows, Θ (B×Z) the batch through f, T its targets, E⁽ⁿ⁾ (B×Z) the evolved embeddings, C = s·ΘΘᵀ.
+
+The file reads top to bottom as the method: Config and Result; f's normalisation, the propagation and
+h's loss, each forward beside its backward; AdamW; the plan (every random choice of a run); train and
+score; itm_score / rank; then the machinery: the numba twins of the hot loops (one fenced section), the
+input files, and the command line.
 
 The propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T, C = ΘΘᵀ/B, is never computed by n matrix products: with
 G = ΘᵀΘ/B and φ(λ) = ((1 − ηλ)ⁿ − 1)/λ the push-through identity gives (I − ηC)ⁿR = R + Θ φ(G) ΘᵀR / B,
@@ -34,14 +40,21 @@ Choices the paper leaves open (DESIGN.md of the project repository), in brief:
   * Θ's rows are scaled to unit norm (Config.normalize="theta"): read literally, training grows ‖Θ‖
     until (I − ηC)ⁿ explodes on real features; with unit rows every eigenvalue of C is ≤ 1. The literal
     reading is normalize="none"; a run whose propagation expands is reported diverged (score NaN).
-  * A stratified, seeded 4/5 : 1/5 split trains and scores; the score is the best scoring accuracy
-    (percent) over the checkpoints every eval_every iterations and after the last.
+  * Cross-fitting (Config.folds = 5): each fold is scored by a run trained on the others, so every
+    sample is scored once; a run's score is its best scoring accuracy (percent) over the checkpoints
+    every eval_every iterations and after the last, the model's the mean over folds. folds=1 is the
+    paper's single stratified, seeded 4/5 : 1/5 split.
   * Adaptive n (Eq. 9) from the training part; one-hot centres shifted by the features' scalar μ, σ.
   * Dense input (N×h×w×D features, N×H×W label maps, 255 = ignore) is semantic segmentation: every
     labelled position is a sample, the split is by image, the score is pixel accuracy (or mean IoU).
 
 Runs with NumPy alone; numba (optional) compiles the fused element-wise kernels on first use
-(`ITM_NO_NUMBA=1` disables it). threadpoolctl (optional) keeps the small LAPACK calls single-threaded.
+(`ITM_NO_NUMBA=1` disables it). The NumPy-only path computes the same formulas, summing in other orders,
+so its scores are not always the numba path's: with the default Config on the benchmark's real features,
+all 21 flowers17 scores were identical and all 21 pneumonia scores differed, by up to 1.5 points
+(README, bench/numpy_only.py). threadpoolctl (optional) keeps the small LAPACK calls single-threaded.
+Copied alone, itm.py does everything but --truth (τ_w: kendall.py) and jobs > 1 / --scheduler (forked
+processes and Dask: itm_parallel.py); rank(executor=...) takes any concurrent.futures.Executor.
 """
 from __future__ import annotations
 
@@ -54,6 +67,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -71,17 +85,20 @@ except ImportError:
 HAVE_NUMBA = numba is not None
 USE_NUMBA = HAVE_NUMBA  # read at call time, so tests can compare both paths in one process
 
-try:  # optional: single-threaded BLAS around small LAPACK calls (10–100× faster on 2 cores)
+try:  # optional: single-threaded BLAS around small LAPACK calls (see _one_blas_thread)
     from threadpoolctl import ThreadpoolController
 except ImportError:
     ThreadpoolController = None
 
-__all__ = ["Config", "Result", "itm_score", "rank", "make_plan", "main"]
+# The public API. Other names without an underscore are the steps of the method (phi, psi,
+# propagate_logits, ...) and the helpers the sibling modules share (one_line, write_atomic, run_cli, ...).
+__all__ = ["Config", "Result", "Plan", "Diverged", "preset", "itm_score", "rank", "score_grid", "make_plan",
+           "train", "make_executor", "load_features", "load_truth", "main"]
 __version__ = "0.1.0"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Defaults: every knob of the method, in one place (DESIGN.md §1).
+# Config and Result: every knob of the method, in one place (DESIGN.md §1).
 
 PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")
 
@@ -217,36 +234,30 @@ class Diverged(ArithmeticError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernels. Each has a vectorised NumPy version (the reference, and the fallback) and, where fusing the
-# element-wise work pays, a numba loop compiled lazily on first use. Kernels do no I/O.
+# f: A = XW_z + b_z (in _Model), Θ = A/‖A‖ and the targets T = Ê[y]; forward and backward.
 
-def _njit(fn, **options):
-    # error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops
-    # need no zero test and vectorise (AdamW's loop at D×Z = 2048×100: 6.6× faster, the same bits)
-    return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(fn) if HAVE_NUMBA else None
+def _theta_np(A, centres, y, normalize):
+    """Θ (rows unit-norm when normalize), the targets T = Ê[y] (B×Z, A's dtype) and the row norms (B)."""
+    norms = np.sqrt(np.einsum("bz,bz->b", A, A, dtype=np.float64)) if normalize else np.ones(A.shape[0])
+    norms = np.maximum(norms, 1e-12)  # an all-zero row stays zero instead of NaN
+    return (A / norms[:, None]).astype(A.dtype, copy=False), centres[y].astype(A.dtype), norms
 
 
-def _dispatch(numpy_version, numba_version):
-    def call(*args):
-        # numba has no float16 arithmetic on the CPU: such inputs take the NumPy path
-        if USE_NUMBA and numba_version is not None and not any(
-                getattr(a, "dtype", None) == np.float16 for a in args):
-            return numba_version(*args)
-        return numpy_version(*args)
-    call.__name__ = numpy_version.__name__.removesuffix("_np")
-    call.__doc__ = numpy_version.__doc__
-    return call
+def _theta_backward(dtheta, theta, norms):
+    """dA (B×Z) from dΘ through Θ = A/‖A‖: each row's component along Θ removed, the rest / ‖A‖."""
+    return (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
 
+
+# ----------------------------------------------------------------------------------------------------
+# The deparametric propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T and its backward pass (DESIGN.md §2).
 
 # -- f(λ) = (1 − ηλ)ⁿ and its divided differences (the spectral part of the propagation, float64) -----
 # f[a, b] is the first divided difference, f[a, b, 0] the second with one node at 0; φ(λ) = f[λ, 0] and
 # the Daleckii–Krein matrix of φ is Ψ_ij = φ[λ_i, λ_j] = f[λ_i, λ_j, 0]. Written without cancellation:
 # (uᵃ − uᵇ)/(u_a − u_b) = u_bⁿ·expm1(n·log1p(d/u_b))/d is exact to rounding for any d = u_a − u_b ≠ 0.
-
-def _series_tau(n, eta):
-    # below this |λ| the Taylor series of f[a, b, 0] converges by a factor ≤ 0.05 per term
-    return 0.05 / (n * eta)
-
+# Two thresholds, in units of 1/(nη), shared with the loops of the speed section:
+_SERIES = 0.05  # below it |λ| takes the Taylor series of f[a, b, 0]: it converges by a factor ≤ 0.05 a term
+_SEP = 1e-2     # pairs further apart divide precomputed values directly: rounding ≤ 2ε/(nη·|Δ|) ≤ 1e-14
 
 def _fdd1_np(a, b, n, eta):
     """First divided difference f[a, b] of f(λ) = (1 − ηλ)ⁿ, elementwise (f' where a == b)."""
@@ -277,12 +288,13 @@ def _fdd2_np(a, b, n, eta):
         bpow = bpow * small
         h = big * h + bpow
         c *= -eta * (n - k) / (k + 1)
-    return np.where(np.abs(big) < _series_tau(n, eta), near, far)
+    return np.where(np.abs(big) < _SERIES / (n * eta), near, far)
 
 
-def _sep(n, eta):
-    # pairs further apart than this divide precomputed values directly: rounding ≤ 2ε/(nη·|Δ|) ≤ 1e-14
-    return 1e-2 / (n * eta)
+def phi(lam, n, eta):
+    """φ(λ) = ((1 − ηλ)ⁿ − 1)/λ, φ(0) = −nη, elementwise and without cancellation."""
+    lam = np.asarray(lam, dtype=np.float64)
+    return _fdd1_np(lam, np.zeros_like(lam), n, eta)     # φ(λ) = f[λ, 0]
 
 
 def _psi_np(lam, n, eta, order):
@@ -291,395 +303,49 @@ def _psi_np(lam, n, eta, order):
     a, b = lam[:, None], lam[None, :]
     with np.errstate(all="ignore"):
         out = (vals[:, None] - vals[None, :]) / (a - b)
-    i, j = np.nonzero(np.abs(a - b) <= _sep(n, eta))   # near-equal pairs (the diagonal among them)
+    i, j = np.nonzero(np.abs(a - b) <= _SEP / (n * eta))   # near-equal pairs (the diagonal among them)
     out[i, j] = (_fdd1_np if order == 1 else _fdd2_np)(lam[i], lam[j], n, eta)
     return out
 
 
-def _fdd1_scalar(a, b, n, eta):
-    ua, ub = 1.0 - eta * a, 1.0 - eta * b
-    d = eta * (b - a)
-    if d == 0.0:
-        return -eta * n * (1.0 - eta * (a + b) / 2) ** (n - 1)
-    if ua * ub > 0:
-        return -eta * ub ** n * math.expm1(n * math.log1p(d / ub)) / d
-    return (ua ** n - ub ** n) / (a - b)
+# -- the small eigendecomposition, on one BLAS thread --------------------------------------------------
 
-
-def _fdd2_scalar(a, b, n, eta):
-    if abs(a) < abs(b):
-        a, b = b, a
-    if abs(a) >= 0.05 / (n * eta):
-        return (_fdd1_scalar(a, b, n, eta) - _fdd1_scalar(b, 0.0, n, eta)) / a
-    total, h, bpow, c = 0.0, 1.0, 1.0, n * (n - 1) / 2 * eta * eta
-    for k in range(2, min(n, 40) + 1):
-        total += c * h
-        bpow *= b
-        h = a * h + bpow
-        c *= -eta * (n - k) / (k + 1)
-    return total
-
-
-def _psi_loop(lam, n, eta, order):
-    m = lam.shape[0]
-    vals, out = np.empty(m), np.empty((m, m))
-    for i in range(m):
-        vals[i] = (1.0 - eta * lam[i]) ** n if order == 1 else _fdd1_scalar(lam[i], 0.0, n, eta)
-    sep = 1e-2 / (n * eta)
-    for i in range(m):
-        for j in range(i + 1):
-            a, b = lam[i], lam[j]
-            if abs(a - b) > sep:
-                v = (vals[i] - vals[j]) / (a - b)
-            elif order == 1:
-                v = _fdd1_scalar(a, b, n, eta)
-            else:
-                v = _fdd2_scalar(a, b, n, eta)
-            out[i, j] = v
-            out[j, i] = v
-    return out
-
-
-if HAVE_NUMBA:
-    _fdd1_scalar = _njit(_fdd1_scalar)
-    _fdd2_scalar = _njit(_fdd2_scalar)
-psi = _dispatch(_psi_np, _njit(_psi_loop))
-
-
-def _phi_np(lam, n, eta):
-    return _fdd1_np(lam, np.zeros_like(lam), n, eta)
-
-
-def _phi_loop(lam, n, eta):
-    out = np.empty_like(lam)
-    for i in range(lam.shape[0]):
-        out[i] = _fdd1_scalar(lam[i], 0.0, n, eta)
-    return out
-
-
-_phi = _dispatch(_phi_np, _njit(_phi_loop))
-
-
-def phi(lam, n, eta):
-    """φ(λ) = ((1 − ηλ)ⁿ − 1)/λ, φ(0) = −nη, elementwise and without cancellation."""
-    lam = np.asarray(lam, dtype=np.float64)
-    return _phi(lam.reshape(-1), n, eta).reshape(lam.shape)
-
-
-# -- softmax cross-entropy ----------------------------------------------------------------------------
-
-def _softmax_ce_np(logits, y):
-    """Mean cross-entropy of logits (B×K) against labels y (B), and its gradient w.r.t. the logits."""
-    B = logits.shape[0]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    s = e.sum(axis=1, keepdims=True)
-    loss = float(np.mean(np.log(s[:, 0]) - shifted[np.arange(B), y]))
-    grad = e / s
-    grad[np.arange(B), y] -= 1.0
-    return loss, grad / B
-
-
-def _softmax_ce_loop(logits, y):
-    B, K = logits.shape
-    grad = np.empty_like(logits)
-    total = 0.0
-    for i in range(B):
-        m = logits[i, 0]
-        for k in range(1, K):
-            m = max(m, logits[i, k])
-        s = 0.0
-        for k in range(K):
-            grad[i, k] = math.exp(logits[i, k] - m)
-            s += grad[i, k]
-        total += math.log(s) - (logits[i, y[i]] - m)
-        for k in range(K):
-            grad[i, k] = grad[i, k] / s / B
-        grad[i, y[i]] -= 1.0 / B
-    return total / B, grad
-
-
-softmax_ce = _dispatch(_softmax_ce_np, _njit(_softmax_ce_loop))
-
-
-# -- AdamW, exactly torch.optim.AdamW (decoupled weight decay, bias-corrected moments) ----------------
-
-def _adamw_np(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
-    p *= decay
-    if lerp_low:                                    # torch: exp_avg.lerp_(grad, 1 − β1), both branches
-        m += c1 * (g - m)
-    else:
-        m[...] = g - (g - m) * b1
-    v *= b2
-    v += c2 * g * g
-    p -= step_size * m / (np.sqrt(v) / bc2 + eps)
-
-
-def _adamw_loop(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
-    pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
-    if lerp_low:                                    # branch outside the loops so both vectorise
-        for i in range(pf.shape[0]):
-            mf[i] += c1 * (gf[i] - mf[i])
-    else:
-        for i in range(pf.shape[0]):
-            mf[i] = gf[i] - (gf[i] - mf[i]) * b1
-    for i in range(pf.shape[0]):
-        vf[i] = vf[i] * b2 + c2 * gf[i] * gf[i]
-        pf[i] = pf[i] * decay - step_size * mf[i] / (math.sqrt(vf[i]) / bc2 + eps)
-
-
-_adamw = _dispatch(_adamw_np, _njit(_adamw_loop))
-
-
-def adamw_step(p, g, m, v, lr, wd, b1, b2, eps, step):
-    """One in-place AdamW step of one tensor with torch.optim.AdamW's arithmetic, in p's dtype (as
-    torch computes a float32 parameter's step in float32)."""
-    t = p.dtype.type
-    _adamw(p, g, m, v, t(1.0 - lr * wd), t(1.0 - b1), t(b1), t(1.0 - b2), t(b2),
-           t(lr / (1.0 - b1 ** step)), t(math.sqrt(1.0 - b2 ** step)), t(eps), 1.0 - b1 < 0.5)
-
-
-# -- row normalisation + centre gathering: Θ = A/‖A‖, T = Ê[y], R = Θ − T -----------------------------
-
-def _theta_np(A, centres, y, normalize):
-    """Θ (rows unit-norm when normalize), the targets T = Ê[y] (B×Z, A's dtype) and the row norms (B)."""
-    norms = np.sqrt(np.einsum("bz,bz->b", A, A, dtype=np.float64)) if normalize else np.ones(A.shape[0])
-    norms = np.maximum(norms, 1e-12)  # an all-zero row stays zero instead of NaN
-    return (A / norms[:, None]).astype(A.dtype, copy=False), centres[y].astype(A.dtype), norms
-
-
-def _theta_loop(A, centres, y, normalize):
-    B, Z = A.shape
-    theta, T, norms = np.empty((B, Z), A.dtype), np.empty((B, Z), A.dtype), np.ones(B)
-    for i in range(B):
-        if normalize:
-            s = 0.0
-            for z in range(Z):
-                s += float(A[i, z]) * float(A[i, z])
-            norms[i] = max(math.sqrt(s), 1e-12)
-        for z in range(Z):
-            theta[i, z] = A[i, z] / norms[i]
-            T[i, z] = centres[y[i], z]
-    return theta, T, norms
-
-
-theta_and_targets = _dispatch(_theta_np, _njit(_theta_loop))
-
-
-# -- adaptive-n statistics: one pass for moments and class sums, one for the distances ----------------
-
-def _slices(N, D):
-    """Consecutive slices of N rows of D values, ~1M values each, so a float64 chunk costs ~8 MB,
-    whatever N and D."""
-    step = max(1, (1 << 20) // max(D, 1))
-    return (slice(start, start + step) for start in range(0, N, step))
-
-
-def _chunks(rows, D):
-    """The row indices `rows` in pieces of ~1M values (see _slices)."""
-    return (rows[s] for s in _slices(rows.size, D))
-
-
-def _stream(E, rows, y, dtype):
-    """E in storage order, ~1M values a chunk, as (chunk in dtype, class of each of its rows): the class
-    is y for the rows in `rows` and −1 (skip) for the others. Reading in order needs no gather: for
-    float32 features the chunks are views, and the memory is read sequentially."""
-    cls = np.full(E.shape[0], -1, dtype=np.int64)
-    cls[rows] = y[rows]
-    for s in _slices(*E.shape):
-        yield convert(E[s], dtype), cls[s]
-
-
-_F16 = []  # float16 → float32 lookup table (65,536 entries, 256 KB), built on first use
-
-
-def convert(X, dtype):
-    """X as dtype (no copy when it already is). float16 (what extract.py writes) goes through a lookup
-    table: exact, and 3–4× faster than astype here."""
-    if X.dtype == np.float16:
-        if not _F16:
-            _F16.append(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-                        .astype(np.float32))
-        X = np.take(_F16[0], X.view(np.uint16))
-        return X if dtype == np.float32 else X.astype(dtype)
-    return X.astype(dtype, copy=False)
-
-
-def gather(E, rows, dtype):
-    """E[rows] as dtype."""
-    return convert(E[rows], dtype)
-
-
-# -- scale-free preprocessing (DESIGN.md §0): applied to rows as they are read, never to a copy of E --
-
-@dataclass(frozen=True)
-class Prep:
-    """x ↦ (x − c)·s for every row (c: D or None; s: a scalar or D), then unit L2 norm if unit_rows."""
-    c: np.ndarray | None
-    s: np.ndarray | float
-    unit_rows: bool = False
-
-
-def preprocessing(E, kind, std_floor=None, rows=None):
-    """The Prep that makes features E (N×D) scale-free, from two streaming passes over all N rows (the
-    labels are not used): "rms" divides by the root-mean-square row norm, "center_rms" centres first,
-    "standardize" gives every dimension mean 0 and std 1 (a constant dimension contributes 0; std_floor,
-    if given, clamps the std from below instead, as the authors' code does), "unit_rows" scales every row
-    to norm 1. rows, if given, limits the statistics to those rows (segmentation: labelled positions). The statistics are taken on E·2⁻ᵉ, 2ᵉ the largest |entry| rounded up to a power of two,
-    so that features × 1e±200 neither overflow nor underflow and a power-of-two factor on E changes c and
-    s by exactly that factor: the scores are then bit-identical."""
-    N, D = (E.shape[0] if rows is None else rows.size), E.shape[1]
-    pieces = (lambda: (E[s] for s in _slices(*E.shape))) if rows is None else \
-        (lambda: (E[r] for r in _chunks(rows, D)))
-    amax = max(float(np.max(np.abs(convert(X, _work_dtype(E))))) for X in pieces())
-    if amax == 0.0:
-        raise ValueError("features are all zero")
-    p = math.ldexp(1.0, -math.frexp(amax)[1])              # exact power of two: E·p has |entries| < 1
-    x0 = convert(next(pieces())[:1], np.float64)[0] * p
-    s1, s2, sq = np.zeros(D), np.zeros(D), 0.0
-    for X in pieces():
-        X = convert(X, np.float64) * p                       # chunk×D
-        sq += float(np.einsum("nd,nd->", X, X))
-        X -= x0
-        s1 += X.sum(axis=0)
-        s2 += np.einsum("nd,nd->d", X, X)
-    mean = x0 + s1 / N
-    var = np.maximum(s2 / N - (s1 / N) ** 2, 0.0)
-    if not np.any(var > (1e-12 * np.max(np.abs(mean))) ** 2):
-        raise ValueError("features are the same for every sample (no information to rank by)")
-    if kind == "none":                                   # checked all the same: never a silent chance score
-        return None
-    if kind == "rms":
-        return Prep(None, p / math.sqrt(sq / N))
-    if kind == "unit_rows":
-        return Prep(None, p, True)
-    if kind == "center_rms":
-        return Prep(mean / p, p / math.sqrt(float(var.sum())))
-    std = np.sqrt(var)
-    if std_floor is not None:
-        return Prep(mean / p, 1.0 / np.maximum(std / p, std_floor))
-    return Prep(mean / p, np.where(std > 1e-12 * std.max(), p / np.where(std > 0, std, 1.0), 0.0))
-
-
-class _Prepared:
-    """Features as f sees them: rows of E (N×D) read through a Prep, in float32 (float64 for float64
-    features, so that the affine map runs before any narrowing and × 1e200 cannot overflow)."""
-
-    def __init__(self, E, prep):
-        self.E, self.prep = E, prep
-        self.shape, self.ndim = E.shape, 2
-        self.dtype = np.dtype(_work_dtype(E))
-        self._c = None if prep.c is None else prep.c.astype(self.dtype)
-        self._s = np.asarray(prep.s, dtype=self.dtype)
-
-    def __getitem__(self, rows):
-        X = convert(self.E[rows], self.dtype)                # rows×D (a view for a float32 slice)
-        # in place where X is a copy: fresh rows×D temporaries per batch cost more than the arithmetic
-        out = None if np.may_share_memory(X, self.E) else X
-        if self._c is not None:
-            X = np.subtract(X, self._c, out=out)
-            out = X
-        X = np.multiply(X, self._s, out=out)
-        if self.prep.unit_rows:
-            X /= np.maximum(np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64)), 1e-300)[:, None] \
-                .astype(self.dtype)
-        return X
-
-
-def prepared(E, prep):
-    """E read through prep (E itself when prep is None)."""
-    return E if prep is None else _Prepared(E, prep)
-
-
-def _accumulate_np(X, yc, sums, s1, s2, x0):
-    """Add the rows of a chunk X (rows×D) whose class yc is ≥ 0 to the class sums (K×D) and to the
-    moments around x₀ (D); rows of class −1 are skipped."""
-    order = np.argsort(yc, kind="stable")
-    order = order[yc[order] >= 0]
-    if order.size == 0:
-        return
-    X, yc = X[order], yc[order]                          # class-contiguous: class sums are segment sums
-    heads = np.flatnonzero(np.r_[True, yc[1:] != yc[:-1]])
-    sums[yc[heads]] += np.add.reduceat(X, heads, axis=0, dtype=np.float64)
-    Xs = X - x0                                          # chunk×D, float64
-    s1 += Xs.sum(axis=0)
-    s2 += np.einsum("nd,nd->d", Xs, Xs)
-
-
-def _accumulate_loop(X, yc, sums, s1, s2, x0):
-    for i in range(X.shape[0]):
-        k = yc[i]
-        if k < 0:
-            continue
-        for d in range(X.shape[1]):
-            x = float(X[i, d])
-            sums[k, d] += x
-            s1[d] += x - x0[d]
-            s2[d] += (x - x0[d]) * (x - x0[d])
-
-
-accumulate = _dispatch(_accumulate_np, _njit(_accumulate_loop))
-
-
-def _distance_sum_np(X, yc, means, inv_std):
-    """Σ over rows of class ≥ 0 of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the
-    difference."""
-    keep = yc >= 0
-    Xd = (X[keep] - means[yc[keep]]) * inv_std           # rows×D
-    return float(np.sqrt(np.einsum("nd,nd->n", Xd, Xd)).sum())
-
-
-def _distance_sum_loop(X, yc, means, inv_std):
-    total = 0.0
-    for i in range(X.shape[0]):
-        k = yc[i]
-        if k < 0:
-            continue
-        s = 0.0
-        for d in range(X.shape[1]):
-            x = (float(X[i, d]) - means[k, d]) * inv_std[d]
-            s += x * x
-        total += math.sqrt(s)
-    return total
-
-
-# reassoc lets the sum over d vectorise (4× here); it changes only the order of the additions
-distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop, fastmath={"reassoc"}))
-
-
-def _work_dtype(E):
-    return np.float64 if E.dtype == np.float64 else np.float32
-
-
-# ----------------------------------------------------------------------------------------------------
-# The deparametric propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T and its backward pass (DESIGN.md §2).
-
-_THREADS = {"controller": None, "limited": False}  # controller made on first use (it scans libraries)
+_BLAS = {"controllers": {}, "limiters": {}, "depth": 0, "lock": threading.Lock()}
 
 
 @contextlib.contextmanager
 def _one_blas_thread(active=True):
-    """Small LAPACK/BLAS calls are far slower with several OpenBLAS threads (measured here: eigh of a
-    100×100 matrix 1.3 ms with one thread, 10–110 ms with two on a busy 2-core machine). Nested uses
-    inside an active limit cost nothing: only the outermost one sets and restores the thread count."""
-    if ThreadpoolController is None or not active or _THREADS["limited"]:
+    """BLAS and LAPACK on one thread inside (all modules of the project share this limiter): small calls
+    (a Z×Z eigh, the B×Z×Z products, the baselines' LAPACK) are many times slower with several OpenBLAS
+    threads on a busy machine, and large products get their cores from threads of their own instead.
+    Process-wide, so nested and concurrent uses (folds or methods on threads) share it: the first to
+    enter sets it, the last to leave restores the thread counts. SciPy ships its own OpenBLAS: once it
+    is loaded, a second controller limits that one too. active=False: no limit."""
+    if ThreadpoolController is None or not active:
         yield
         return
-    if _THREADS["controller"] is None:
-        _THREADS["controller"] = ThreadpoolController()
-    with _THREADS["controller"].limit(limits=1, user_api="blas"):
-        _THREADS["limited"] = True
-        try:
-            yield
-        finally:
-            _THREADS["limited"] = False
+    with _BLAS["lock"]:
+        key = "scipy.linalg" in sys.modules
+        if key not in _BLAS["limiters"]:
+            if key not in _BLAS["controllers"]:           # made on first use: it scans the libraries
+                _BLAS["controllers"][key] = ThreadpoolController()
+            _BLAS["limiters"][key] = _BLAS["controllers"][key].limit(limits=1, user_api="blas")
+        _BLAS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS["lock"]:
+            _BLAS["depth"] -= 1
+            if _BLAS["depth"] == 0:
+                for limiter in reversed(list(_BLAS["limiters"].values())):
+                    limiter.restore_original_limits()
+                _BLAS["limiters"].clear()
 
 
 def _small_products(B, D, Z):
     # below ~16M multiply-adds even the two large products gain nothing from more threads, and lose
-    # much when the cores are shared (a D=1280, Z=17 run: 1.0 s with one thread, 6.8 s with two on a
-    # loaded machine). The B×Z×Z products always run on one thread (measured on a loaded 2-core
-    # machine at the CIFAR-100 shape: a whole run took 35 s with them on two threads, 15 s on one).
+    # much when the cores are shared (waking and syncing threads costs more than the work); the B×Z×Z
+    # products always run on one thread, for the same reason.
     return B * D * Z < 1 << 24
 
 
@@ -694,42 +360,28 @@ def _eigh(S, eta):
     return lam, V
 
 
-def propagate(theta, T, n, eta, scale, want_grad=False):
-    """E⁽ⁿ⁾ (B×Z) in closed form; with want_grad also a function mapping dE⁽ⁿ⁾ to dΘ.
-
-    scale is the s of C = s·ΘΘᵀ (1/B, or 1/B² for c_scale="B2"). Z ≤ B uses G = s·ΘᵀΘ (Z×Z) and φ;
-    Z > B uses C (B×B) and f directly. Both are exact; they differ only in which matrix is smaller.
-    """
-    B, Z = theta.shape
-    if Z <= B:
-        return _propagate_gram(theta, T, n, eta, scale, want_grad)
-    return _propagate_kernel(theta, T, n, eta, scale, want_grad)
-
+# -- the closed form (Z ≤ B: through G = s·ΘᵀΘ; Z > B: through C) and h on top -------------------------
 
 def propagate_logits(theta, T, n, eta, scale, Wh, bh, want_grad=False):
-    """logits = E⁽ⁿ⁾W_h + b_h (B×K); with want_grad also dlogits → (dΘ, dW_h). Same as propagate
-    followed by h, but the Z ≤ B branch never forms E⁽ⁿ⁾ = ΘM: logits = Θ(M·W_h), which saves three
-    of its B×Z×Z products per training step."""
+    """The closed-form propagation and h: logits = E⁽ⁿ⁾W_h + b_h (B×K); with want_grad also
+    dlogits → (dΘ, dW_h). scale is the s of C = s·ΘΘᵀ (1/B, or 1/B² for c_scale="B2"). Z ≤ B goes through
+    G = s·ΘᵀΘ (Z×Z) and φ, and never forms E⁽ⁿ⁾ = ΘM: logits = Θ(M·W_h), three B×Z×Z products fewer
+    per step. Z > B goes through C (B×B) and f directly. Both are exact; they differ only in which
+    matrix is smaller."""
     if theta.shape[1] > theta.shape[0]:
         return _with_head(*_propagate_kernel(theta, T, n, eta, scale, want_grad), Wh, bh)
     g = _Gram(theta, T, n, eta, scale)
-    MW = (g.M @ Wh).astype(theta.dtype)               # Z×K
-    logits = theta @ MW + bh                           # B×K
+    MW = (g.M @ Wh).astype(theta.dtype)               # Z×K = (Z×Z)(Z×K)
+    logits = theta @ MW + bh                           # B×K = (B×Z)(Z×K)
     if not want_grad:
         return logits, None
 
     def backward(dlogits):
-        U = (theta.T @ dlogits).astype(np.float64)     # Z×K
-        return g.dtheta(dlogits @ MW.T, U @ Wh.T), (g.M.T @ U).astype(theta.dtype)  # E = ΘM ⇒ dM = ΘᵀdE
+        U = (theta.T @ dlogits).astype(np.float64)     # Z×K = (Z×B)(B×K)
+        # dE = dlogits·W_hᵀ, so dE·Mᵀ = dlogits·(MW_h)ᵀ (B×Z), dM = ΘᵀdE = U·W_hᵀ (Z×Z, E = ΘM),
+        # dW_h = Eᵀdlogits = Mᵀ·U (Z×K)
+        return g.dtheta(dlogits @ MW.T, U @ Wh.T), (g.M.T @ U).astype(theta.dtype)
     return logits, backward
-
-
-def _with_head(E, back, Wh, bh):
-    """h on top of a propagation that forms E: logits and dlogits → (dΘ, dW_h)."""
-    logits = E @ Wh + bh
-    if back is None:
-        return logits, None
-    return logits, lambda dlogits: (back(dlogits @ Wh.T), E.T @ dlogits)
 
 
 class _Gram:
@@ -740,58 +392,63 @@ class _Gram:
         self.theta, self.n, self.eta, self.s = theta, n, eta, s
         self.lam, self.V = _eigh(s * (theta.T @ theta), eta)   # G, Z×Z = (Z×B)(B×Z)
         self.R = theta - T
-        self.X = (theta.T @ self.R).astype(np.float64)         # Z×Z
+        self.ThR = (theta.T @ self.R).astype(np.float64)       # ΘᵀR, Z×Z = (Z×B)(B×Z)
         with _one_blas_thread():
-            self.P = (self.V * phi(self.lam, n, eta)) @ self.V.T   # φ(G), Z×Z
-            self.M = s * (self.P @ self.X)
-            self.M.flat[::self.M.shape[0] + 1] += 1.0      # + I (a strided view: 20× cheaper than indices)
+            self.P = (self.V * phi(self.lam, n, eta)) @ self.V.T   # φ(G), Z×Z = (Z×Z)(Z×Z)
+            self.M = s * (self.P @ self.ThR)                   # Z×Z = (Z×Z)(Z×Z)
+            self.M.flat[::self.M.shape[0] + 1] += 1.0      # + I, on a strided view of the diagonal
 
     def dtheta(self, dE_Mt, dM):
         """dΘ (B×Z) from dE·Mᵀ (B×Z, the path E = ΘM) and dM (Z×Z, float64)."""
         s, V, dt = self.s, self.V, self.theta.dtype
         with _one_blas_thread():
-            dP = s * (dM @ self.X.T)
-            dX = s * (self.P @ dM)
-            dG = V @ ((V.T @ dP @ V) * psi(self.lam, self.n, self.eta, 2)) @ V.T   # Daleckii–Krein
-            Q = dX + s * (dG + dG.T)                   # through R = Θ − T and G = s·ΘᵀΘ
-        return dE_Mt + self.theta @ Q.astype(dt) + self.R @ dX.T.astype(dt)   # last: X = ΘᵀR
-
-
-def _propagate_gram(theta, T, n, eta, s, want_grad):
-    g = _Gram(theta, T, n, eta, s)
-    E = theta @ g.M.astype(theta.dtype)                # B×Z
-    if not want_grad:
-        return E, None
-    return E, lambda dE: g.dtheta(dE @ g.M.T.astype(theta.dtype), (theta.T @ dE).astype(np.float64))
+            dP = s * (dM @ self.ThR.T)                 # Z×Z = (Z×Z)(Z×Z)
+            dThR = s * (self.P @ dM)                   # Z×Z = (Z×Z)(Z×Z)
+            dG = V @ ((V.T @ dP @ V) * psi(self.lam, self.n, self.eta, 2)) @ V.T   # Daleckii–Krein, Z×Z
+            dZZ = dThR + s * (dG + dG.T)               # through R = Θ − T and G = s·ΘᵀΘ, Z×Z
+        # B×Z = (B×Z)(Z×Z) twice; the last term is the path through ΘᵀR
+        return dE_Mt + self.theta @ dZZ.astype(dt) + self.R @ dThR.T.astype(dt)
 
 
 def _propagate_kernel(theta, T, n, eta, s, want_grad):
+    """Z > B: E⁽ⁿ⁾ = (I − ηC)ⁿR + T with f on the eigenvalues of C (B×B); backward by Daleckii–Krein."""
     dt = theta.dtype
-    C = s * (theta @ theta.T)                          # B×B
+    C = s * (theta @ theta.T)                          # B×B = (B×Z)(Z×B)
     mu, U = _eigh(C, eta)
     with _one_blas_thread():
-        F = (U * (1.0 - eta * mu) ** n) @ U.T          # (I − ηC)ⁿ, B×B
+        Cn = (U * (1.0 - eta * mu) ** n) @ U.T         # (I − ηC)ⁿ, B×B = (B×B)(B×B)
     R = theta - T
-    E = F.astype(dt) @ R + T
+    E = Cn.astype(dt) @ R + T                          # B×Z = (B×B)(B×Z)
     if not want_grad:
         return E, None
 
     def backward(dE):
-        dF = (dE @ R.T).astype(np.float64)             # B×B
+        dCn = (dE @ R.T).astype(np.float64)            # B×B = (B×Z)(Z×B)
         with _one_blas_thread():
-            dC = U @ ((U.T @ dF @ U) * psi(mu, n, eta, 1)) @ U.T
-        return F.astype(dt) @ dE + (s * (dC + dC.T)).astype(dt) @ theta
+            dC = U @ ((U.T @ dCn @ U) * psi(mu, n, eta, 1)) @ U.T   # Daleckii–Krein, B×B
+        return Cn.astype(dt) @ dE + (s * (dC + dC.T)).astype(dt) @ theta   # B×Z = (B×B)(B×Z)
     return E, backward
 
+
+def _with_head(E, back, Wh, bh):
+    """h on top of a propagation that forms E: logits and dlogits → (dΘ, dW_h)."""
+    logits = E @ Wh + bh                               # B×K = (B×Z)(Z×K)
+    if back is None:
+        return logits, None
+    # dE = dlogits·W_hᵀ (B×Z), dW_h = Eᵀ·dlogits (Z×K)
+    return logits, lambda dlogits: (back(dlogits @ Wh.T), E.T @ dlogits)
+
+
+# -- the other readings: the authors' detached step, Algorithm 1's explicit loop -----------------------
 
 def propagate_detached(theta, T, n, eta, scale, want_grad=False):
     """The authors' reading (DESIGN.md §1b): E = (I − ηC)ⁿ(Θ − T) + T with C = s·ΘΘᵀ held constant in
     the backward pass (built from a detached Θ), so dΘ = ((I − ηC)ⁿ)ᵀ dE. n is 1 there; n small steps
     cost O(n·B²·Z)."""
-    C = scale * (theta @ theta.T)                      # B×B
+    C = scale * (theta @ theta.T)                      # B×B = (B×Z)(Z×B)
     R = theta - T
     for _ in range(n):
-        R = R - eta * (C @ R)                          # B×Z
+        R = R - eta * (C @ R)                          # B×Z = (B×B)(B×Z)
     if not np.all(np.isfinite(R)):
         raise Diverged("non-finite values in the propagation")
     if not want_grad:
@@ -799,12 +456,12 @@ def propagate_detached(theta, T, n, eta, scale, want_grad=False):
 
     def backward(dE):
         for _ in range(n):
-            dE = dE - eta * (C @ dE)                   # C symmetric: Cᵀ = C
+            dE = dE - eta * (C @ dE)                   # B×Z = (B×B)(B×Z); C symmetric: Cᵀ = C
         return dE
     return R + T, backward
 
 
-def _pc_grad(E, T, Q, pc_loss):
+def _pc_grad(E, T, q, pc_loss):
     """∇_E L_pc for the explicit loop, and what its Jacobian needs (softmax rows for CE)."""
     if pc_loss == "mse":
         return E - T, None
@@ -812,82 +469,104 @@ def _pc_grad(E, T, Q, pc_loss):
         return np.sign(E - T), None
     S = np.exp(E - E.max(axis=1, keepdims=True))
     S /= S.sum(axis=1, keepdims=True)
-    return S - Q, S
+    return S - q, S
 
 
-def propagate_explicit(theta, T, Q, n, eta, scale, pc_loss="mse", want_grad=False):
+def propagate_explicit(theta, T, q, n, eta, scale, pc_loss="mse", want_grad=False):
     """Algorithm 1: n gradient steps of a per-batch map g (Z×Z, from the identity) on L_pc.
 
     The step on W_g is W_g ← W_g − η·s·Θᵀ∇L_pc, so E = ΘW_g moves by −η·s·ΘΘᵀ∇L_pc = −ηC∇L_pc; with
     MSE (∇ = E − T) this is Eq. 5 exactly. MAE uses sign(E − T); CE reads the rows of E as logits over Z
-    against the distribution Q = (unshifted centre)² (one-hot centres: the class itself). Cost O(n·B²·Z).
+    against the distribution q = (unshifted centre)² (one-hot centres: the class itself). Cost O(n·B²·Z).
     """
-    K_ = scale * (theta @ theta.T)                     # C, B×B
+    C = scale * (theta @ theta.T)                      # B×B = (B×Z)(Z×B)
     E = theta.copy()
     grads, softmaxes = [], []
     for _ in range(n):
-        g, S = _pc_grad(E, T, Q, pc_loss)
+        g, S = _pc_grad(E, T, q, pc_loss)
         if want_grad:
             grads.append(g)
             softmaxes.append(S)
-        E = E - eta * (K_ @ g)
+        E = E - eta * (C @ g)                          # B×Z = (B×B)(B×Z)
         if not np.all(np.isfinite(E)):
             raise Diverged("non-finite values in the explicit propagation")
     if not want_grad:
         return E, None
 
     def backward(dE):
-        M = np.zeros_like(K_)                          # Σ_m (dE_{m+1} g_mᵀ + g_m dE_{m+1}ᵀ), B×B
+        dC = np.zeros_like(C)                          # Σ_m dE_{m+1} g_mᵀ (= −dL/dC / η), B×B
         for g, S in zip(reversed(grads), reversed(softmaxes)):
-            M += dE @ g.T
-            w = K_ @ dE                                # Cᵀ dE_{m+1}
+            dC += dE @ g.T                             # B×B = (B×Z)(Z×B)
+            w = C @ dE                                 # Cᵀ dE_{m+1}, B×Z = (B×B)(B×Z)
             if pc_loss == "mse":
                 dE = dE - eta * w
             elif pc_loss == "ce":
                 dE = dE - eta * S * (w - np.sum(S * w, axis=1, keepdims=True))
-        return dE - eta * scale * ((M + M.T) @ theta)
+        return dE - eta * scale * ((dC + dC.T) @ theta)   # B×Z = (B×B)(B×Z)
     return E, backward
 
 
 # ----------------------------------------------------------------------------------------------------
-# One run: the random choices (the plan), training, scoring.
+# h's loss: softmax cross-entropy, and its gradient.
 
-@dataclass
-class Plan:
-    """Everything a run's seed decides, fixed before training (tests replay it in torch)."""
-    train_idx: np.ndarray           # rows of E that train ITM
-    score_idx: np.ndarray           # rows of E that score it
-    y: np.ndarray                   # labels mapped to 0..K−1 (all N rows; −1 = unlabelled position)
-    classes: np.ndarray             # original label of each class index
-    n: int                          # deparametric steps
-    centres: np.ndarray             # Ê, K×Z (shifted when Config.shift)
-    q: np.ndarray                   # unshifted centres squared (CE targets of the explicit loop), K×Z
-    params: list                    # initial [W_z (D×Z), b_z (Z), W_h (Z×K), b_h (K)]
-    batches: object                 # iterations×B row indices into E (a list when batch sizes vary)
-    dis: float                      # adaptive-n distance (NaN when n was given)
-    prep: Prep | None = None        # how f reads the features (None: raw)
-    fold: int = 0                   # which of Config.folds this run scores
+def _softmax_ce_np(logits, y):
+    """Mean cross-entropy of logits (B×K) against labels y (B), and its gradient w.r.t. the logits."""
+    B = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    s = e.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(s[:, 0]) - shifted[np.arange(B), y]))
+    grad = e / s
+    grad[np.arange(B), y] -= 1.0
+    return loss, grad / B
 
 
-def _check_features(E, ndim=2):
-    E = np.asarray(E) if not isinstance(E, np.ndarray) else E
-    if E.ndim != ndim:
+# ----------------------------------------------------------------------------------------------------
+# AdamW, exactly torch.optim.AdamW (decoupled weight decay, bias-corrected moments).
+
+def _adamw_np(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
+    p *= decay
+    if lerp_low:                                    # torch: exp_avg.lerp_(grad, 1 − β1), both branches
+        m += c1 * (g - m)
+    else:
+        m[...] = g - (g - m) * b1
+    v *= b2
+    v += c2 * g * g
+    p -= step_size * m / (np.sqrt(v) / bc2 + eps)
+
+
+def adamw_step(p, g, m, v, lr, wd, b1, b2, eps, step):
+    """One in-place AdamW step of one tensor with torch.optim.AdamW's arithmetic, in p's dtype (as
+    torch computes a float32 parameter's step in float32)."""
+    c = p.dtype.type                                # every constant in p's dtype
+    _adamw(p, g, m, v, c(1.0 - lr * wd), c(1.0 - b1), c(b1), c(1.0 - b2), c(b2),
+           c(lr / (1.0 - b1 ** step)), c(math.sqrt(1.0 - b2 ** step)), c(eps), 1.0 - b1 < 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan: every random choice of a run, drawn before training from the checked input.
+
+# -- checked input: features, labels, dense label maps -------------------------------------------------
+
+def _check_features(F, ndim=2):
+    F = np.asarray(F) if not isinstance(F, np.ndarray) else F
+    if F.ndim != ndim:
         want = "a 2-D array N×D (one row per sample)" if ndim == 2 else "a 4-D array N×h×w×D"
-        raise ValueError(f"features must be {want}, got shape {E.shape}")
-    if not (np.issubdtype(E.dtype, np.floating) or np.issubdtype(E.dtype, np.integer)):
-        raise ValueError(f"features must be numeric, got dtype {E.dtype}")
-    if as_rows(E).shape[0] < 2 or E.shape[-1] < 1:
-        raise ValueError(f"features must have at least 2 samples and 1 dimension, got shape {E.shape}")
-    rows = as_rows(E)
+        raise ValueError(f"features must be {want}, got shape {F.shape}")
+    if not (np.issubdtype(F.dtype, np.floating) or np.issubdtype(F.dtype, np.integer)):
+        raise ValueError(f"features must be numeric, got dtype {F.dtype}")
+    if as_rows(F).shape[0] < 2 or F.shape[-1] < 1:
+        raise ValueError(f"features must have at least 2 samples and 1 dimension, got shape {F.shape}")
+    rows = as_rows(F)
     for s in _slices(*rows.shape):                       # chunked: no N×D temporary
         chunk = rows[s]
-        if E.dtype == np.float16:                        # exponent bits all set: Inf or NaN
+        if F.dtype == np.float16:                        # exponent bits all set: Inf or NaN
             bad = np.any((chunk.view(np.uint16) & 0x7C00) == 0x7C00)
         else:
             bad = not np.all(np.isfinite(chunk))
         if bad:
             raise ValueError("features contain NaN or Inf values")
-    return E
+    return F
 
 
 def as_rows(features):
@@ -925,17 +604,6 @@ def encode_labels(labels, N=None, min_count=2):
     return y.astype(np.int64), classes
 
 
-def stratified_split(y, rng):
-    """Per class: shuffle, 1/5 (at least 1) to scoring, the rest to training; both parts shuffled."""
-    train, score = [], []
-    for k in range(int(y.max()) + 1):
-        members = rng.permutation(np.flatnonzero(y == k))
-        m = min(max(int(round(members.size / 5)), 1), members.size - 1)
-        score.append(members[:m])
-        train.append(members[m:])
-    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(score))
-
-
 IGNORE = 255  # label-map value of unlabelled pixels
 
 
@@ -967,18 +635,171 @@ def downsample_labels(maps, h, w):
 def dense_samples(features, maps):
     """Dense input as samples: labels of every position (−1 where ignored), the classes, and the image
     of every position. Features N×h×w×D, label maps N×H×W."""
-    E = _check_features(features, ndim=4)
+    F = _check_features(features, ndim=4)
     maps = np.asarray(maps)
-    if maps.ndim != 3 or maps.shape[0] != E.shape[0]:
-        raise ValueError(f"dense features {E.shape} need label maps N×H×W with N={E.shape[0]}, "
+    if maps.ndim != 3 or maps.shape[0] != F.shape[0]:
+        raise ValueError(f"dense features {F.shape} need label maps N×H×W with N={F.shape[0]}, "
                          f"got shape {maps.shape}")
-    grid = downsample_labels(maps, E.shape[1], E.shape[2]).reshape(-1)
+    grid = downsample_labels(maps, F.shape[1], F.shape[2]).reshape(-1)
     labelled = grid != IGNORE
     if not labelled.any():
         raise ValueError("label maps have no labelled pixel")
     y = np.full(grid.size, -1, dtype=np.int64)
     y[labelled], classes = encode_labels(grid[labelled], min_count=1)
-    return y, classes, np.repeat(np.arange(E.shape[0]), E.shape[1] * E.shape[2])
+    return y, classes, np.repeat(np.arange(F.shape[0]), F.shape[1] * F.shape[2])
+
+
+# -- reading the features: chunks, float16, scale-free preprocessing (DESIGN.md §0) --------------------
+
+def _slices(N, D):
+    """Consecutive slices of N rows of D values, ~1M values each, so a float64 chunk costs ~8 MB,
+    whatever N and D."""
+    step = max(1, (1 << 20) // max(D, 1))
+    return (slice(start, start + step) for start in range(0, N, step))
+
+
+def _chunks(rows, D):
+    """The row indices `rows` in pieces of ~1M values (see _slices)."""
+    return (rows[s] for s in _slices(rows.size, D))
+
+
+def _stream(F, rows, y, dtype):
+    """F in storage order, ~1M values a chunk, as (chunk in dtype, class of each of its rows): the class
+    is y for the rows in `rows` and −1 (skip) for the others. Reading in order needs no gather: for
+    float32 features the chunks are views, and the memory is read sequentially."""
+    cls = np.full(F.shape[0], -1, dtype=np.int64)
+    cls[rows] = y[rows]
+    for s in _slices(*F.shape):
+        yield convert(F[s], dtype), cls[s]
+
+
+_F16 = []  # float16 → float32 lookup table (65,536 entries, 256 KB), built on first use
+
+
+def convert(X, dtype):
+    """X as dtype (no copy when it already is). float16 (what extract.py writes) goes through a lookup
+    table: exact, and faster than astype."""
+    if X.dtype == np.float16:
+        if not _F16:
+            _F16.append(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+                        .astype(np.float32))
+        X = np.take(_F16[0], X.view(np.uint16))
+        return X if dtype == np.float32 else X.astype(dtype)
+    return X.astype(dtype, copy=False)
+
+
+def gather(F, rows, dtype):
+    """F[rows] as dtype."""
+    return convert(F[rows], dtype)
+
+
+def _work_dtype(F):
+    return np.float64 if F.dtype == np.float64 else np.float32
+
+
+@dataclass(frozen=True)
+class Prep:
+    """x ↦ (x − c)·s for every row (c: D or None; s: a scalar or D), then unit L2 norm if unit_rows."""
+    c: np.ndarray | None
+    s: np.ndarray | float
+    unit_rows: bool = False
+
+
+def preprocessing(F, kind, std_floor=None, rows=None):
+    """The Prep that makes features F (N×D) scale-free, from two streaming passes over all N rows (the
+    labels are not used): "rms" divides by the root-mean-square row norm, "center_rms" centres first,
+    "standardize" gives every dimension mean 0 and std 1 (a constant dimension contributes 0; std_floor,
+    if given, clamps the std from below instead, as the authors' code does), "unit_rows" scales every row
+    to norm 1. rows, if given, limits the statistics to those rows (segmentation: labelled positions).
+    The statistics are taken on F·2⁻ᵉ, 2ᵉ the largest |entry| rounded up to a power of two,
+    so that features × 1e±200 neither overflow nor underflow and a power-of-two factor on F changes c and
+    s by exactly that factor: the scores are then bit-identical."""
+    N, D = (F.shape[0] if rows is None else rows.size), F.shape[1]
+    pieces = (lambda: (F[s] for s in _slices(*F.shape))) if rows is None else \
+        (lambda: (F[r] for r in _chunks(rows, D)))
+    amax = max(float(np.max(np.abs(convert(X, _work_dtype(F))))) for X in pieces())
+    if amax == 0.0:
+        raise ValueError("features are all zero")
+    p = math.ldexp(1.0, -math.frexp(amax)[1])              # exact power of two: F·p has |entries| < 1
+    x0 = convert(next(pieces())[:1], np.float64)[0] * p
+    s1, s2, sq = np.zeros(D), np.zeros(D), 0.0
+    for X in pieces():
+        X = convert(X, np.float64) * p                       # chunk×D
+        sq += float(np.einsum("nd,nd->", X, X))
+        X -= x0
+        s1 += X.sum(axis=0)
+        s2 += np.einsum("nd,nd->d", X, X)
+    mean = x0 + s1 / N
+    var = np.maximum(s2 / N - (s1 / N) ** 2, 0.0)
+    if not np.any(var > (1e-12 * np.max(np.abs(mean))) ** 2):
+        raise ValueError("features are the same for every sample (no information to rank by)")
+    if kind == "none":                                   # checked all the same: never a silent chance score
+        return None
+    if kind == "rms":
+        return Prep(None, p / math.sqrt(sq / N))
+    if kind == "unit_rows":
+        return Prep(None, p, True)
+    if kind == "center_rms":
+        return Prep(mean / p, p / math.sqrt(float(var.sum())))
+    std = np.sqrt(var)
+    if std_floor is not None:
+        return Prep(mean / p, 1.0 / np.maximum(std / p, std_floor))
+    return Prep(mean / p, np.where(std > 1e-12 * std.max(), p / np.where(std > 0, std, 1.0), 0.0))
+
+
+class _Prepared:
+    """Features as f sees them: rows of F (N×D) read through a Prep, in float32 (float64 for float64
+    features, so that the affine map runs before any narrowing and × 1e200 cannot overflow)."""
+
+    def __init__(self, F, prep):
+        self.F, self.prep = F, prep
+        self.shape, self.ndim = F.shape, 2
+        self.dtype = np.dtype(_work_dtype(F))
+        self._c = None if prep.c is None else prep.c.astype(self.dtype)
+        self._s = np.asarray(prep.s, dtype=self.dtype)
+
+    def __getitem__(self, rows):
+        X = convert(self.F[rows], self.dtype)                # rows×D (a view for a float32 slice)
+        # in place where X is a copy: fresh rows×D temporaries per batch cost more than the arithmetic
+        out = None if np.may_share_memory(X, self.F) else X
+        if self._c is not None:
+            X = np.subtract(X, self._c, out=out)
+            out = X
+        X = np.multiply(X, self._s, out=out)
+        if self.prep.unit_rows:
+            X /= np.maximum(np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64)), 1e-300)[:, None] \
+                .astype(self.dtype)
+        return X
+
+
+def prepared(F, prep):
+    """F read through prep (F itself when prep is None)."""
+    return F if prep is None else _Prepared(F, prep)
+
+
+# -- which rows train and which score: the split, the folds --------------------------------------------
+
+def stratified_split(y, rng):
+    """Per class: shuffle, 1/5 (at least 1) to scoring, the rest to training; both parts shuffled."""
+    train, score = [], []
+    for k in range(int(y.max()) + 1):
+        members = rng.permutation(np.flatnonzero(y == k))
+        m = min(max(int(round(members.size / 5)), 1), members.size - 1)
+        score.append(members[:m])
+        train.append(members[m:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(score))
+
+
+def crossfit_folds(y, k, rng):
+    """The fold (0..k−1) of every sample: each class's members are shuffled and dealt round-robin,
+    continuing where the previous class stopped, so every class is spread over the folds in proportion
+    and the fold sizes differ by at most one."""
+    fold, start = np.empty(y.size, dtype=np.int64), 0
+    for c in range(int(y.max()) + 1):
+        members = rng.permutation(np.flatnonzero(y == c))
+        fold[members] = (start + np.arange(members.size)) % k
+        start += members.size
+    return fold
 
 
 def split_by_image(y, image, rng):
@@ -994,38 +815,55 @@ def split_by_image(y, image, rng):
     return rng.permutation(labelled[~is_score[image[labelled]]]), labelled[is_score[image[labelled]]]
 
 
-def mean_iou(pred, y, K):
-    """Mean over classes present in prediction or truth of TP / (TP + FP + FN), percent."""
-    cm = np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
-    tp = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
-    return 100.0 * float(np.mean(tp[union > 0] / union[union > 0]))
+# -- adaptive n (Eq. 9) and the centres' shift: one pass for moments and class sums, one for distances
 
-
-def training_stats(E, rows, y, K):
-    """One pass over E: for the rows `rows`, class sums (K×D) and per-dimension Σ(x − x₀), Σ(x − x₀)² (D),
+def training_stats(F, rows, y, K):
+    """One pass over F: for the rows `rows`, class sums (K×D) and per-dimension Σ(x − x₀), Σ(x − x₀)² (D),
     x₀ = the first of them (shifting keeps Σx² − (Σx)²/N well-conditioned)."""
-    D = E.shape[1]
+    D = F.shape[1]
     sums, s1, s2 = np.zeros((K, D)), np.zeros(D), np.zeros(D)
-    x0 = gather(E, rows[:1], np.float64)[0]
-    for X, cls in _stream(E, rows, y, _work_dtype(E)):
+    x0 = gather(F, rows[:1], np.float64)[0]
+    for X, cls in _stream(F, rows, y, _work_dtype(F)):
         accumulate(X, cls, sums, s1, s2, x0)
     return sums, s1, s2, x0
 
 
-def adaptive_n(E, rows, y, K, cfg, stats=None):
+def _accumulate_np(X, yc, sums, s1, s2, x0):
+    """Add the rows of a chunk X (rows×D) whose class yc is ≥ 0 to the class sums (K×D) and to the
+    moments around x₀ (D); rows of class −1 are skipped."""
+    order = np.argsort(yc, kind="stable")
+    order = order[yc[order] >= 0]
+    if order.size == 0:
+        return
+    X, yc = X[order], yc[order]                          # class-contiguous: class sums are segment sums
+    heads = np.flatnonzero(np.r_[True, yc[1:] != yc[:-1]])
+    sums[yc[heads]] += np.add.reduceat(X, heads, axis=0, dtype=np.float64)
+    Xs = X - x0                                          # chunk×D, float64
+    s1 += Xs.sum(axis=0)
+    s2 += np.einsum("nd,nd->d", Xs, Xs)
+
+
+def adaptive_n(F, rows, y, K, cfg, stats=None):
     """Eq. 9: n = ⌈log_{1−η0}(dis_b / dis)⌉ + n_b, dis = mean distance to the own class mean after
     per-dimension standardisation (a dimension with std 0 contributes 0); clamped to n ≥ 1."""
-    sums, s1, s2, _ = stats if stats is not None else training_stats(E, rows, y, K)
+    sums, s1, s2, _ = stats if stats is not None else training_stats(F, rows, y, K)
     N = rows.size
     std = np.sqrt(np.maximum(s2 / N - (s1 / N) ** 2, 0.0))
     inv_std = np.where(std > 1e-12 * (1.0 + np.abs(sums.sum(0) / N)), 1.0 / np.where(std > 0, std, 1), 0)
     means = sums / np.maximum(np.bincount(y[rows], minlength=K), 1)[:, None]
-    dis = sum(distance_sum(X, cls, means, inv_std) for X, cls in _stream(E, rows, y, _work_dtype(E))) / N
+    dis = sum(distance_sum(X, cls, means, inv_std) for X, cls in _stream(F, rows, y, _work_dtype(F))) / N
     if dis <= 0:
         return max(cfg.n_b, 1), dis
     n = math.ceil(math.log(cfg.dis_b / dis) / math.log(1.0 - cfg.eta0)) + cfg.n_b
     return max(int(n), 1), dis
+
+
+def _distance_sum_np(X, yc, means, inv_std):
+    """Σ over rows of class ≥ 0 of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the
+    difference."""
+    keep = yc >= 0
+    Xd = (X[keep] - means[yc[keep]]) * inv_std           # rows×D
+    return float(np.sqrt(np.einsum("nd,nd->n", Xd, Xd)).sum())
 
 
 def moments_from_stats(s1, s2, x0, N):
@@ -1036,18 +874,20 @@ def moments_from_stats(s1, s2, x0, N):
     return mu, math.sqrt(max(float(np.sum(s2 + 2 * c * s1 + N * c * c)) / count, 0.0))
 
 
-def feature_moments(E, rows, normalize_rows):
-    """Scalar mean and std of all entries of E[rows] as f sees them (rows L2-normalised if asked)."""
+def feature_moments(F, rows, normalize_rows):
+    """Scalar mean and std of all entries of F[rows] as f sees them (rows L2-normalised if asked)."""
     def pieces():
-        for r in _chunks(rows, E.shape[1]):
-            X = gather(E, r, np.float64)
+        for r in _chunks(rows, F.shape[1]):
+            X = gather(F, r, np.float64)
             if normalize_rows:
                 X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
             yield X
-    count = rows.size * E.shape[1]
+    count = rows.size * F.shape[1]
     mu = sum(X.sum() for X in pieces()) / count
     return mu, math.sqrt(sum(np.sum((X - mu) ** 2) for X in pieces()) / count)
 
+
+# -- centres, initial weights, batches -----------------------------------------------------------------
 
 def make_centres(K, Z, kind, rng):
     """K unit-norm, mutually orthogonal pseudo-cluster centres in R^Z (appendix A.8), K×Z."""
@@ -1059,7 +899,7 @@ def make_centres(K, Z, kind, rng):
     if kind == "pca":          # principal axes of a random point cloud
         X = rng.standard_normal((4 * Z, Z)) * np.linspace(2.0, 1.0, Z)
         X -= X.mean(axis=0)
-        _, vecs = np.linalg.eigh(X.T @ X)
+        _, vecs = np.linalg.eigh(X.T @ X)              # Z×Z = (Z×4Z)(4Z×Z)
         return vecs[:, ::-1][:, :K].T
     # "laplacian": smoothest non-trivial eigenvectors of the graph Laplacian of random points (Z nodes)
     P = rng.standard_normal((Z, 3))
@@ -1094,6 +934,28 @@ def make_batches(n_train, B, iterations, rng, keep_last=False):
     return np.concatenate(cuts)[:iterations]
 
 
+# -- the plan of one run -------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """One run: its input and everything its seed decides, fixed before training (tests replay it in
+    torch). train(plan) runs it."""
+    train_idx: np.ndarray           # rows of F that train ITM
+    score_idx: np.ndarray           # rows of F that score it
+    y: np.ndarray                   # labels mapped to 0..K−1 (all N rows; −1 = unlabelled position)
+    classes: np.ndarray             # original label of each class index
+    n: int                          # deparametric steps
+    centres: np.ndarray             # Ê, K×Z (shifted when Config.shift)
+    q: np.ndarray                   # unshifted centres squared (CE targets of the explicit loop), K×Z
+    params: list                    # initial [W_z (D×Z), b_z (Z), W_h (Z×K), b_h (K)]
+    batches: object                 # iterations×B row indices into F (a list when batch sizes vary)
+    dis: float                      # adaptive-n distance (NaN when n was given)
+    prep: Prep | None = None        # how f reads the features (None: raw)
+    fold: int = 0                   # which of Config.folds this run scores
+    features: object = field(default=None, repr=False)  # the rows f reads (N×D, through prep)
+    config: Config | None = None    # the resolved Config of the run
+
+
 def _is_dense(features, cfg):
     ndim = np.ndim(features)
     if cfg.task == "segmentation" and ndim != 4:
@@ -1104,7 +966,7 @@ def _is_dense(features, cfg):
 @dataclass
 class _Data:
     """A model's checked input, shared by the runs of all its folds."""
-    E: object                       # the features as f reads them (rows, through prep), N×D
+    F: object                       # the features as f reads them (rows, through prep), N×D
     y: np.ndarray                   # class index of every row, −1 = unlabelled position
     classes: np.ndarray
     image: np.ndarray | None        # segmentation: the image of every row
@@ -1116,11 +978,11 @@ def prepare(features, labels, cfg):
     """Check one model's input, encode its labels, fix its preprocessing and its folds."""
     if _is_dense(features, cfg):
         y, classes, image = dense_samples(features, labels)
-        E, N = as_rows(np.asarray(features)), int(np.sum(y >= 0))
+        F, N = as_rows(np.asarray(features)), int(np.sum(y >= 0))
     else:
-        E = _check_features(features)
-        y, classes = encode_labels(labels, E.shape[0])
-        image, N = None, E.shape[0]
+        F = _check_features(features)
+        y, classes = encode_labels(labels, F.shape[0])
+        image, N = None, F.shape[0]
     if N < cfg.batch_size:
         raise ValueError(f"N={N} samples is smaller than batch_size={cfg.batch_size}; "
                          "pass a smaller batch_size")
@@ -1129,7 +991,7 @@ def prepare(features, labels, cfg):
     units = N if image is None else np.unique(image[y >= 0]).size   # what the folds divide
     if image is not None and units < 2:
         raise ValueError("segmentation needs at least 2 images with labelled pixels")
-    prep = preprocessing(E, cfg.preprocess, 1e-6 if cfg.reading == "authors" else None,
+    prep = preprocessing(F, cfg.preprocess, 1e-6 if cfg.reading == "authors" else None,
                          None if image is None else np.flatnonzero(y >= 0))
     fold_of = None
     if cfg.folds > 1:
@@ -1139,19 +1001,7 @@ def prepare(features, labels, cfg):
                              f"{'images' if image is not None else 'samples'}, got {units}")
         fold_of = (rng.permutation(int(image.max()) + 1) % cfg.folds if image is not None
                    else crossfit_folds(y, cfg.folds, rng))
-    return _Data(prepared(E, prep), y, classes, image, prep, fold_of)
-
-
-def crossfit_folds(y, k, rng):
-    """The fold (0..k−1) of every sample: each class's members are shuffled and dealt round-robin,
-    continuing where the previous class stopped, so every class is spread over the folds in proportion
-    and the fold sizes differ by at most one."""
-    fold, start = np.empty(y.size, dtype=np.int64), 0
-    for c in range(int(y.max()) + 1):
-        members = rng.permutation(np.flatnonzero(y == c))
-        fold[members] = (start + np.arange(members.size)) % k
-        start += members.size
-    return fold
+    return _Data(F=prepared(F, prep), y=y, classes=classes, image=image, prep=prep, fold_of=fold_of)
 
 
 def _split(data, cfg, fold):
@@ -1175,27 +1025,28 @@ def _split(data, cfg, fold):
 
 def _plan(data, cfg, fold):
     train_idx, score_idx, rng = _split(data, cfg, fold)
-    E, y, K = data.E, data.y, data.classes.size
+    F, y, K = data.F, data.y, data.classes.size
     Z = cfg.latent_dim or K
-    stats = training_stats(E, train_idx, y, K) if cfg.n is None or cfg.shift else None
+    stats = training_stats(F, train_idx, y, K) if cfg.n is None or cfg.shift else None
     if cfg.n is not None:
         n, dis = int(cfg.n), float("nan")
     else:
-        n, dis = adaptive_n(E, train_idx, y, K, cfg, stats)
+        n, dis = adaptive_n(F, train_idx, y, K, cfg, stats)
     unit = make_centres(K, Z, cfg.centers, rng)
     centres = unit
     if cfg.shift:
         if cfg.normalize == "features":
-            mu, sigma = feature_moments(E, train_idx, True)
+            mu, sigma = feature_moments(F, train_idx, True)
         else:
             mu, sigma = moments_from_stats(*stats[1:], train_idx.size)
         centres = mu + sigma * unit
-    params = init_params(E.shape[1], Z, K, rng, np.dtype(cfg.dtype))
+    params = init_params(F.shape[1], Z, K, rng, np.dtype(cfg.dtype))
     batches = make_batches(train_idx.size, cfg.batch_size, cfg.iterations, rng,
                            keep_last=cfg.reading == "authors")
     batches = [train_idx[b] for b in batches] if isinstance(batches, list) else train_idx[batches]
     return Plan(train_idx=train_idx, score_idx=score_idx, y=y, classes=data.classes, n=n, centres=centres,
-                q=unit ** 2, params=params, batches=batches, dis=dis, prep=data.prep, fold=fold)
+                q=unit ** 2, params=params, batches=batches, dis=dis, prep=data.prep, fold=fold,
+                features=data.F, config=cfg)
 
 
 def make_plan(features, labels, config=None, fold=0, **overrides):
@@ -1207,17 +1058,18 @@ def make_plan(features, labels, config=None, fold=0, **overrides):
     return _plan(prepare(features, labels, cfg), cfg, fold)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Train and score: Algorithm 2 on one plan, every fold of one model.
+
 class _Model:
     """f (D→Z), the propagation, h (Z→K): forward, loss and gradients for one batch."""
 
-    def __init__(self, E, plan, cfg):
-        if not isinstance(E, _Prepared):                           # raw features: read through plan.prep
-            E = prepared(as_rows(np.asarray(E)), plan.prep)
-        self.E, self.plan, self.cfg = E, plan, cfg
-        self.dtype = np.dtype(cfg.dtype)
+    def __init__(self, plan):
+        self.F, self.plan, self.cfg = plan.features, plan, plan.config
+        self.dtype = np.dtype(self.cfg.dtype)
 
     def batch(self, rows):
-        X = gather(self.E, rows, self.dtype)                       # B×D
+        X = gather(self.F, rows, self.dtype)                       # B×D
         if self.cfg.normalize == "features":
             X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         return X
@@ -1250,7 +1102,7 @@ class _Model:
                 raise Diverged("non-finite training loss")
             dtheta, dWh = back(dlogits)                            # B×Z, Z×K
             if self.cfg.normalize == "theta":                      # through Θ = A/‖A‖
-                dtheta = (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
+                dtheta = _theta_backward(dtheta, theta, norms)
             if not np.all(np.isfinite(dtheta)):
                 raise Diverged("non-finite gradients")
             dA = dtheta.astype(self.dtype, copy=False)
@@ -1280,11 +1132,19 @@ class _Model:
         return mean_iou(self.predict(params), self.plan.y[self.plan.score_idx], self.plan.classes.size)
 
 
-def train(E, plan, cfg, callback=None):
-    """Algorithm 2 with AdamW on the features E (as given to make_plan, or already read through
-    plan.prep); returns (trajectory, losses). callback(t, loss, params) if given."""
-    model = _Model(E, plan, cfg)
-    with _one_blas_thread(_small_products(cfg.batch_size, *plan.params[0].shape)):
+def mean_iou(pred, y, K):
+    """Mean over classes present in prediction or truth of TP / (TP + FP + FN), percent."""
+    cm = np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
+    tp = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    return 100.0 * float(np.mean(tp[union > 0] / union[union > 0]))
+
+
+def train(plan, callback=None):
+    """Algorithm 2 with AdamW on one plan (make_plan); returns (trajectory, losses).
+    callback(t, loss, params) if given."""
+    cfg, model = plan.config, _Model(plan)
+    with _one_blas_thread(_small_products(cfg.batch_size, plan.features.shape[1], plan.centres.shape[1])):
         return _train_loop(model, plan, cfg, callback)
 
 
@@ -1307,19 +1167,6 @@ def _train_loop(model, plan, cfg, callback):
     return trajectory, losses
 
 
-# ----------------------------------------------------------------------------------------------------
-# Public API.
-
-def _config(config, overrides):
-    cfg = config if config is not None else Config()
-    if not isinstance(cfg, Config):
-        raise TypeError(f"config must be an itm.Config, got {type(cfg).__name__}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise TypeError(f"unknown ITM option(s): {', '.join(sorted(unknown))}")
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
-
-
 def _score(features, labels, cfg, threads=1):
     """Every fold of one model: train on the other folds, score this one; aggregate. threads > 1 runs
     that many folds at once, each on one BLAS thread (the folds are independent: the same scores)."""
@@ -1327,22 +1174,24 @@ def _score(features, labels, cfg, threads=1):
     data = prepare(np.asarray(features), labels, cfg)
     plans = [_plan(data, cfg, fold) for fold in range(cfg.folds)]
     n = [plan.n for plan in plans]
-    runs = _map_folds(lambda plan: _fold_run(data, plan, cfg), plans, threads)
+    runs = _map_folds(_fold_run, plans, threads)
     for plan, run in zip(plans, runs):
         if isinstance(run, Diverged):
             note = f"fold {plan.fold + 1} of {cfg.folds}: {run}" if cfg.folds > 1 else str(run)
-            return Result(float("nan"), [], int(np.median(n)), time.perf_counter() - start, True, None, note,
-                          fold_n=n, chance=_chance(data.y))
+            return Result(score=float("nan"), trajectory=[], n=int(np.median(n)),
+                          seconds=time.perf_counter() - start, diverged=True, note=note, fold_n=n,
+                          chance=_chance(data.y))
     best = [max(acc for _, acc in trajectory) for trajectory, _ in runs]
     trajectory = [(t, float(np.mean([traj[i][1] for traj, _ in runs]))) for i, (t, _) in enumerate(runs[0][0])]
-    return Result(float(np.mean(best)), trajectory, int(np.median(n)), time.perf_counter() - start, False,
-                  runs[0][1], fold_scores=best, sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"),
-                  chance=_chance(data.y), fold_n=n, n_scored=sum(plan.score_idx.size for plan in plans))
+    return Result(score=float(np.mean(best)), trajectory=trajectory, n=int(np.median(n)),
+                  seconds=time.perf_counter() - start, losses=runs[0][1], fold_scores=best,
+                  sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"), chance=_chance(data.y),
+                  fold_n=n, n_scored=sum(plan.score_idx.size for plan in plans))
 
 
-def _fold_run(data, plan, cfg):
+def _fold_run(plan):
     try:
-        return train(data.E, plan, cfg)
+        return train(plan)
     except Diverged as err:
         return err
 
@@ -1361,6 +1210,19 @@ def _chance(y):
     """Percent: the accuracy of always predicting the most frequent class (over labelled rows)."""
     counts = np.bincount(y[y >= 0])
     return 100.0 * counts.max() / counts.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API: one model, a pool of models.
+
+def _config(config, overrides):
+    cfg = config if config is not None else Config()
+    if not isinstance(cfg, Config):
+        raise TypeError(f"config must be an itm.Config, got {type(cfg).__name__}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise TypeError(f"unknown ITM option(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 def itm_score(features, labels, config=None, **overrides) -> Result:
@@ -1412,7 +1274,7 @@ def score_grid(feature_sets, labels, configs, progress=None, jobs=1, executor=No
         if isinstance(outcome, BaseException):
             if errors == "raise":
                 raise outcome
-            outcome = Result(float("nan"), [], 0, 0.0, error=one_line(outcome))
+            outcome = Result(score=float("nan"), trajectory=[], n=0, seconds=0.0, error=one_line(outcome))
         done[name, i] = outcome
         if progress is not None:
             progress(len(done), len(tasks), name, outcome)
@@ -1441,8 +1303,9 @@ def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
     import concurrent.futures as cf
     with contextlib.ExitStack() as stack:
         if executor is None:
-            executor = stack.enter_context(_process_pool(feature_sets, labels, min(int(jobs), len(tasks))))
-            futures = {executor.submit(_pool_score, name, configs[i]): (name, i) for name, i in tasks}
+            parallel = _sibling("itm_parallel", "jobs > 1 without an executor")
+            executor = stack.enter_context(parallel.process_pool(feature_sets, labels, min(int(jobs), len(tasks))))
+            futures = {executor.submit(parallel.pool_score, name, configs[i]): (name, i) for name, i in tasks}
         else:
             share = getattr(executor, "share", lambda x: x)
             shared = {name: share(feature_sets[name]) for name in feature_sets}
@@ -1456,104 +1319,189 @@ def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
                 yield futures[future], err
 
 
-_POOL = {}  # what a worker process scores (forked workers inherit the features instead of unpickling)
-
-
-def _pool_init(threads, feature_sets, labels):
-    _POOL.update(sets=feature_sets, labels=labels, threads=threads)
-    if ThreadpoolController is not None:
-        _POOL["limit"] = ThreadpoolController().limit(limits=threads, user_api="blas")
-
-
-def _pool_score(name, cfg):
-    return _score_named(name, _POOL["sets"][name], _POOL["labels"], cfg, _POOL["threads"])
-
-
-def _process_pool(feature_sets, labels, jobs):
-    """`jobs` forked worker processes that inherit the features, the BLAS threads divided among them."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    threads = max(1, _cores() // jobs)
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_init,
-                                  initargs=(threads, dict(feature_sets), labels))
-
-
-@contextlib.contextmanager
 def make_executor(scheduler):
-    """An executor for rank()/score_grid() on a Dask cluster (the optional `cluster` extra):
-    scheduler "local:N" starts a LocalCluster of N single-threaded worker processes on this machine;
-    anything else is the address of a running scheduler ("tcp://host:8786"). A task whose worker dies
-    is retried on another (twice); one that keeps failing is reported, not lost."""
+    """A Dask executor for rank()/score_grid() (itm_parallel.make_executor: "local:N" or a scheduler
+    address), as a context manager."""
+    return _sibling("itm_parallel", "--scheduler and make_executor").make_executor(scheduler)
+
+
+def _sibling(module, needs):
+    """A module of this project beside itm.py (or in its package): itm.py copied alone does without
+    them, and `needs` says what then fails."""
+    import importlib
     try:
-        from dask.distributed import Client, LocalCluster
+        return importlib.import_module(f"{__package__}.{module}" if __package__ else module)
     except ImportError:
-        raise ValueError("--scheduler needs Dask: pip install 'itm-transferability[cluster]'") from None
-    with contextlib.ExitStack() as stack:
-        if scheduler.startswith("local:"):
-            workers = scheduler[len("local:"):]
-            if not workers.isdigit() or int(workers) < 1:
-                raise ValueError(f"--scheduler local:N needs N ≥ 1 workers, got {scheduler!r}")
-            cluster = stack.enter_context(LocalCluster(n_workers=int(workers), threads_per_worker=1,
-                                                       processes=True, dashboard_address=None))
-            client = stack.enter_context(Client(cluster))
-        else:
-            try:
-                client = stack.enter_context(Client(scheduler))
-            except (OSError, TimeoutError) as err:
-                raise ValueError(f"cannot reach the Dask scheduler {scheduler}: {one_line(err)}") from None
-        yield _DaskExecutor(client)
-
-
-class _DaskExecutor:
-    """client.get_executor() plus share(): features sent to the cluster once, used by every task."""
-
-    def __init__(self, client):
-        self.client, self._executor = client, client.get_executor(retries=2, pure=False)
-
-    def submit(self, fn, *args, **kwargs):
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def share(self, obj):
-        # a task, not scatter(): scattered data dies with its worker and a re-scatter of the same
-        # content can be cancelled by the old one's release; a task's result is recomputed elsewhere
-        import dask
-        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1TB"}):
-            return self.client.submit(_value, obj, pure=False)
-
-
-def _value(x):
-    return x
-
-
-def weighted_tau(scores, truth):
-    """scipy.stats.weightedtau(scores, truth).statistic with its defaults (hyperbolic weigher on 0-based
-    ranks, additive weights, mean of ranking by each argument) — the convention of published TE tables.
-    A compact O(M²) copy so this file stays self-contained; kendall.py has the full-featured version."""
-    x, y = np.asarray(scores, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise ValueError("weighted_tau needs two 1-D sequences of the same length ≥ 2")
-    return 0.5 * (_tau_ranked_by(x, y) + _tau_ranked_by(y, x))
-
-
-def _tau_ranked_by(x, y):
-    order = np.lexsort((y, x))[::-1]                          # decreasing by x, ties broken by y
-    r = np.empty(x.size)
-    r[order] = np.arange(x.size)                              # 0-based rank, 0 = largest
-    w = 1.0 / (r + 1.0)                                       # hyperbolic weigher
-    num = sx = sy = 0.0
-    for i in range(x.size):
-        for j in range(i + 1, x.size):
-            wij = w[i] + w[j]
-            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-            num += wij * dx * dy
-            sx += wij * dx * dx
-            sy += wij * dy * dy
-    return num / math.sqrt(sx * sy) if sx > 0 and sy > 0 else float("nan")
+        raise ValueError(f"{needs}: needs {module}.py beside itm.py") from None
 
 
 # ----------------------------------------------------------------------------------------------------
-# The bundled example and input files.
+# Speed: numba twins of the NumPy references above, only where they measure faster. Each loop
+# computes what its reference does (to rounding); _dispatch picks one at call time (USE_NUMBA). Every
+# twin here is faster at the default shapes (bench/bench_itm.py times runs with and without); a twin of φ
+# alone (a Z-vector) was not, and went.
+
+def _njit(fn, **options):
+    # error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops
+    # need no zero test and vectorise
+    return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(fn) if HAVE_NUMBA else None
+
+
+def _dispatch(numpy_version, numba_version):
+    def call(*args):
+        # numba has no float16 arithmetic on the CPU: such inputs take the NumPy path
+        if USE_NUMBA and numba_version is not None and not any(
+                getattr(a, "dtype", None) == np.float16 for a in args):
+            return numba_version(*args)
+        return numpy_version(*args)
+    call.__name__ = numpy_version.__name__.removesuffix("_np")
+    call.__doc__ = numpy_version.__doc__
+    return call
+
+
+def _fdd1_scalar(a, b, n, eta):
+    # _fdd1_np on one pair: the same formulas, the same thresholds
+    ua, ub = 1.0 - eta * a, 1.0 - eta * b
+    d = eta * (b - a)
+    if d == 0.0:
+        return -eta * n * (1.0 - eta * (a + b) / 2) ** (n - 1)
+    if ua * ub > 0:
+        return -eta * ub ** n * math.expm1(n * math.log1p(d / ub)) / d
+    return (ua ** n - ub ** n) / (a - b)
+
+
+def _fdd2_scalar(a, b, n, eta):
+    if abs(a) < abs(b):
+        a, b = b, a
+    if abs(a) >= _SERIES / (n * eta):
+        return (_fdd1_scalar(a, b, n, eta) - _fdd1_scalar(b, 0.0, n, eta)) / a
+    total, h, bpow, c = 0.0, 1.0, 1.0, n * (n - 1) / 2 * eta * eta
+    for k in range(2, min(n, 40) + 1):
+        total += c * h
+        bpow *= b
+        h = a * h + bpow
+        c *= -eta * (n - k) / (k + 1)
+    return total
+
+
+def _psi_loop(lam, n, eta, order):
+    # _psi_np in one pass over the lower triangle (Ψ is symmetric), no m×m temporaries
+    m = lam.shape[0]
+    vals, out = np.empty(m), np.empty((m, m))
+    for i in range(m):
+        vals[i] = (1.0 - eta * lam[i]) ** n if order == 1 else _fdd1_scalar(lam[i], 0.0, n, eta)
+    sep = _SEP / (n * eta)
+    for i in range(m):
+        for j in range(i + 1):
+            a, b = lam[i], lam[j]
+            if abs(a - b) > sep:
+                v = (vals[i] - vals[j]) / (a - b)
+            elif order == 1:
+                v = _fdd1_scalar(a, b, n, eta)
+            else:
+                v = _fdd2_scalar(a, b, n, eta)
+            out[i, j] = v
+            out[j, i] = v
+    return out
+
+
+if HAVE_NUMBA:
+    _fdd1_scalar = _njit(_fdd1_scalar)
+    _fdd2_scalar = _njit(_fdd2_scalar)
+psi = _dispatch(_psi_np, _njit(_psi_loop))
+
+
+def _softmax_ce_loop(logits, y):
+    B, K = logits.shape
+    grad = np.empty_like(logits)
+    total = 0.0
+    for i in range(B):
+        m = logits[i, 0]
+        for k in range(1, K):
+            m = max(m, logits[i, k])
+        s = 0.0
+        for k in range(K):
+            grad[i, k] = math.exp(logits[i, k] - m)
+            s += grad[i, k]
+        total += math.log(s) - (logits[i, y[i]] - m)
+        for k in range(K):
+            grad[i, k] = grad[i, k] / s / B
+        grad[i, y[i]] -= 1.0 / B
+    return total / B, grad
+
+
+softmax_ce = _dispatch(_softmax_ce_np, _njit(_softmax_ce_loop))
+
+
+def _adamw_loop(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
+    pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
+    if lerp_low:                                    # branch outside the loops so both vectorise
+        for i in range(pf.shape[0]):
+            mf[i] += c1 * (gf[i] - mf[i])
+    else:
+        for i in range(pf.shape[0]):
+            mf[i] = gf[i] - (gf[i] - mf[i]) * b1
+    for i in range(pf.shape[0]):
+        vf[i] = vf[i] * b2 + c2 * gf[i] * gf[i]
+        pf[i] = pf[i] * decay - step_size * mf[i] / (math.sqrt(vf[i]) / bc2 + eps)
+
+
+_adamw = _dispatch(_adamw_np, _njit(_adamw_loop))
+
+
+def _theta_loop(A, centres, y, normalize):
+    B, Z = A.shape
+    theta, T, norms = np.empty((B, Z), A.dtype), np.empty((B, Z), A.dtype), np.ones(B)
+    for i in range(B):
+        if normalize:
+            s = 0.0
+            for z in range(Z):
+                s += float(A[i, z]) * float(A[i, z])
+            norms[i] = max(math.sqrt(s), 1e-12)
+        for z in range(Z):
+            theta[i, z] = A[i, z] / norms[i]
+            T[i, z] = centres[y[i], z]
+    return theta, T, norms
+
+
+theta_and_targets = _dispatch(_theta_np, _njit(_theta_loop))
+
+
+def _accumulate_loop(X, yc, sums, s1, s2, x0):
+    for i in range(X.shape[0]):
+        k = yc[i]
+        if k < 0:
+            continue
+        for d in range(X.shape[1]):
+            x = float(X[i, d])
+            sums[k, d] += x
+            s1[d] += x - x0[d]
+            s2[d] += (x - x0[d]) * (x - x0[d])
+
+
+accumulate = _dispatch(_accumulate_np, _njit(_accumulate_loop))
+
+
+def _distance_sum_loop(X, yc, means, inv_std):
+    total = 0.0
+    for i in range(X.shape[0]):
+        k = yc[i]
+        if k < 0:
+            continue
+        s = 0.0
+        for d in range(X.shape[1]):
+            x = (float(X[i, d]) - means[k, d]) * inv_std[d]
+            s += x * x
+        total += math.sqrt(s)
+    return total
+
+
+# reassoc lets the sum over d vectorise; it changes only the order of the additions
+distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop, fastmath={"reassoc"}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: the bundled example, the input layouts, the ground truth, atomic writes.
 
 EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
 
@@ -1809,12 +1757,19 @@ def _cli_config(args):
             from None
 
 
-def _check_args(args):
-    """Everything that can be checked before any work starts."""
+def check_parallel(args):
+    """--jobs and --scheduler, as every CLI of the project takes them."""
     if args.jobs < 1:
         raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
     if args.scheduler is not None and args.jobs != 1:
         raise ValueError("give --jobs or --scheduler, not both")
+
+
+def _check_args(args):
+    """Everything that can be checked before any work starts."""
+    check_parallel(args)
+    if args.truth:
+        _sibling("kendall", "--truth")
     if args.features is None and (args.labels or args.models):
         raise ValueError("--labels/--models need --features")
     for option in ("out", "plot"):
@@ -1852,7 +1807,9 @@ def _tau(ranking, truth):
     if missing:
         raise ValueError(f"truth has no accuracy for model(s): {', '.join(missing)}")
     valid = [(r.score, truth[name]) for name, r in ranking if not math.isnan(r.score)]
-    return weighted_tau(*zip(*valid)) if len(valid) >= 2 else float("nan")
+    # τ_w has one implementation, kendall.weighted_tau (scipy's convention, tested against it)
+    tau = _sibling("kendall", "--truth").weighted_tau
+    return tau(*zip(*valid)) if len(valid) >= 2 else float("nan")
 
 
 def _score_text(r):

@@ -64,13 +64,7 @@ except ImportError:
 
 PROG = itm.prog_name("kendall.py", "itm-kendall")  # the name in this CLI's messages
 
-try:
-    if os.environ.get("ITM_NO_NUMBA", "") not in ("", "0"):
-        raise ImportError("disabled by ITM_NO_NUMBA")
-    import numba
-    HAVE_NUMBA = True
-except ImportError:
-    numba, HAVE_NUMBA = None, False
+numba, HAVE_NUMBA = itm.numba, itm.HAVE_NUMBA  # one numba guard (and ITM_NO_NUMBA), in itm.py
 
 __all__ = ["weighted_tau", "kendall_tau", "spearman_rho", "pearson_r", "rel_k", "top1_hit",
            "evaluate", "stability", "main"]
@@ -79,7 +73,8 @@ __all__ = ["weighted_tau", "kendall_tau", "spearman_rho", "pearson_r", "rel_k", 
 def _jit(fn):
     # Lazy compilation (no signature): importing this module never compiles anything.
     # error_model="numpy": 0/0 gives nan like scipy instead of raising ZeroDivisionError.
-    return numba.njit(cache=True, error_model="numpy")(fn) if numba is not None else fn
+    # itm._njit: the project's one way to compile (error_model="numpy"), None without numba.
+    return itm._njit(fn) or fn
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def main(argv=None):
     start = time.perf_counter()
     plan = itm.make_plan(E, y, cfg)
     print(f"make_plan: {time.perf_counter() - start:.2f} s")
-    model = itm._Model(E, plan, cfg)
+    model = itm._Model(plan)
     with itm._one_blas_thread(itm._small_products(cfg.batch_size, D, plan.params[0].shape[1])):
         start = time.perf_counter()
         for _ in range(-(-cfg.iterations // cfg.eval_every)):

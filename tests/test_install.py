@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("itm", "kendall", "baselines", "extract")
+MODULES = ("itm", "kendall", "baselines", "extract", "itm_parallel")
 EXAMPLE = ("examples/flowers17_8models.npz", "examples/flowers17_8models_truth.json")
 SCRIPTS = {"itm": "itm", "itm-kendall": "kendall", "itm-baselines": "baselines", "itm-extract": "extract"}
 # What an in-tree build leaves behind, or what git ignores: never part of the source that gets built.
@@ -83,7 +83,7 @@ def installed(tmp_path_factory):
     return {"sdist": sdist, "wheel": wheel, "python": python, "site": site, "bin": python.parent, "run": run}
 
 
-def test_wheel_holds_the_four_modules_and_the_example_only(installed):
+def test_wheel_holds_the_modules_and_the_example_only(installed):
     with zipfile.ZipFile(installed["wheel"]) as whl:
         names = whl.namelist()
         info = sorted(n for n in names if ".dist-info/" in n)
@@ -118,15 +118,15 @@ def test_sdist_holds_what_make_test_needs(installed):
 # whether the flat names of a checkout (import itm, import kendall, ...) resolve to anything there.
 PROBE = """
 import importlib.metadata as md, importlib.util as u, json, itm_transferability as p
-from itm_transferability import itm, kendall, baselines, extract
+from itm_transferability import itm, kendall, baselines, extract, itm_parallel
 print(json.dumps({
     "path": list(p.__path__),
-    "files": [m.__file__ for m in (itm, kendall, baselines, extract)],
-    "one_itm": all(m.itm is itm for m in (kendall, baselines, extract)),
+    "files": [m.__file__ for m in (itm, kendall, baselines, extract, itm_parallel)],
+    "one_itm": all(m.itm is itm for m in (kendall, baselines, extract, itm_parallel)),
     "version": itm.__version__,
     "dist": md.version("itm-transferability"),
     "dist_site": str(md.distribution("itm-transferability").locate_file("")),
-    "flat": {n: u.find_spec(n) and u.find_spec(n).origin for n in ("itm", "kendall", "baselines", "extract")},
+    "flat": {n: u.find_spec(n) and u.find_spec(n).origin for n in ("itm", "kendall", "baselines", "extract", "itm_parallel")},
 }))
 """
 

@@ -364,7 +364,7 @@ def test_loss_and_grads_vs_torch(variant, backend):
     cfg = itm.Config(dtype="float64", iterations=2, **{"batch_size": 32, **kw})
     plan = itm.make_plan(X, y, cfg)
     assert plan.n == kw["n"]
-    loss, grads = itm._Model(X, plan, cfg).loss_and_grads(plan.params, plan.batches[0])
+    loss, grads = itm._Model(plan).loss_and_grads(plan.params, plan.batches[0])
     loss_t, grads_t = ref.loss_and_grads(X, plan, cfg, plan.params, plan.batches[0])
     assert abs(loss - loss_t) <= 1e-9, (loss, loss_t)
     assert [g.shape for g in grads] == [g.shape for g in grads_t]
@@ -387,14 +387,16 @@ def test_propagate_crafted_vs_torch(branch, case, n, backend):
     T = rng.standard_normal((B, Z))
     dE = rng.standard_normal((B, Z))
     s = 1.0 / B
-    E, backward = itm.propagate(theta, T, n, ETA, s, want_grad=True)
-    dtheta = backward(dE)
+    # h = identity (W_h = I, b_h = 0): the logits are E⁽ⁿ⁾ itself, and dΘ the propagation's own
+    I, zero = np.eye(Z), np.zeros(Z)
+    E, backward = itm.propagate_logits(theta, T, n, ETA, s, I, zero, want_grad=True)
+    dtheta, _ = backward(dE)
     th = ref.t(theta).requires_grad_(True)
     Et = ref.naive_propagate(th, ref.t(T), n, ETA, s)
     (dth,) = torch.autograd.grad(Et, th, ref.t(dE))
     assert max_err(E, Et.detach()) <= 1e-9
     assert max_err(dtheta, dth) <= 1e-9, max_err(dtheta, dth)
-    E2, none = itm.propagate(theta, T, n, ETA, s, want_grad=False)
+    E2, none = itm.propagate_logits(theta, T, n, ETA, s, I, zero, want_grad=False)
     assert none is None and max_err(E2, E) == 0
 
 
@@ -409,7 +411,7 @@ def test_low_rank_features_do_not_diverge(branch, backend):
     kw = dict(batch_size=32, latent_dim=10) if branch == "gram" else dict(batch_size=16, latent_dim=40)
     cfg = itm.Config(dtype="float64", n=50, iterations=1, **kw)
     plan = itm.make_plan(X, y, cfg)
-    loss, grads = itm._Model(X, plan, cfg).loss_and_grads(plan.params, plan.batches[0])
+    loss, grads = itm._Model(plan).loss_and_grads(plan.params, plan.batches[0])
     loss_t, grads_t = ref.loss_and_grads(X, plan, cfg, plan.params, plan.batches[0])
     assert abs(loss - loss_t) <= 1e-9 and max(max_err(g, gt) for g, gt in zip(grads, grads_t)) <= 1e-9
     with warnings.catch_warnings():
@@ -477,7 +479,7 @@ def whole_run(dtype, **kw):
     X, y = blobs(5, N=400, D=20, K=5, sep=0.6, dtype=np.float64)
     cfg = itm.Config(dtype=dtype, **{**SMALL, **kw})
     plan = itm.make_plan(X, y, cfg)
-    traj, losses = itm.train(X, plan, cfg)
+    traj, losses = itm.train(plan)
     traj_t, losses_t = ref.algorithm2(X, plan, cfg)
     one_sample = 100.0 / plan.score_idx.size
     return plan, (traj, losses), (traj_t, losses_t), one_sample
@@ -487,7 +489,7 @@ def test_whole_run_vs_torch_float64():
     plan, (traj, losses), (traj_t, losses_t), one = whole_run("float64")
     assert plan.n > 100  # the adaptive n, from the data
     rel = np.abs(losses - losses_t) / np.abs(losses_t)
-    assert rel.max() <= 1e-10, rel.max()  # the issue asks for 1e-4; float64 gives ~1e-16
+    assert rel.max() <= 1e-10, rel.max()  # float64 gives ~1e-16: a wrong gradient shows far above 1e-10
     assert [t for t, _ in traj] == [t for t, _ in traj_t] == [10, 20, 30, 40, 50]
     assert all(abs(a - b) <= one + 1e-9 for (_, a), (_, b) in zip(traj, traj_t)), (traj, traj_t)
     assert losses[-1] < losses[0]  # it did learn something
@@ -824,4 +826,5 @@ def test_weighted_tau_matches_scipy(seed):
     y = np.round(rng.uniform(50, 95, 9)) if seed % 2 else rng.uniform(50, 95, 9)
     if seed == 4:
         x[3] = x[5]  # a tie in the scores
-    assert abs(itm.weighted_tau(x, y) - st.weightedtau(x, y).statistic) <= 1e-12
+    tau = itm._sibling("kendall", "--truth").weighted_tau   # the one the CLI reports
+    assert abs(tau(x, y) - st.weightedtau(x, y).statistic) <= 1e-12

@@ -94,8 +94,8 @@ def test_dense_equals_flattened_classification_with_the_same_split():
                                      centres=mu + sigma * np.eye(dense.classes.size))
     assert dense.n == n and np.allclose(dense.centres, same_split.centres, rtol=1e-12)
     same_split.centres = dense.centres          # equal to rounding; the runs below must match exactly
-    traj_d, loss_d = itm.train(F, dense, cfg)
-    traj_c, loss_c = itm.train(E, same_split, cfg)
+    traj_d, loss_d = itm.train(dense)
+    traj_c, loss_c = itm.train(same_split)
     assert traj_d == traj_c and np.array_equal(loss_d, loss_c)
 
 

@@ -42,3 +42,27 @@ def test_runs_without_numba_installed(tmp_path):
     f, y, _ = itm.synthetic_zoo()
     assert float(out.stdout) == pytest.approx(itm.itm_score(f["synthetic_3"], y, iterations=30,
                                                              eval_every=10).score, abs=1e-9)
+
+
+def test_alone_it_scores_on_any_executor_and_names_the_missing_sibling(tmp_path):
+    """itm.py copied alone: rank(executor=...) runs on a plain concurrent.futures executor with the serial
+    scores; jobs > 1 and --truth, which need itm_parallel.py and kendall.py, fail with one line saying so."""
+    (tmp_path / "itm.py").write_text((ROOT / "itm.py").read_text())
+    code = ("import itm, json, concurrent.futures as cf; f, y, _ = itm.synthetic_zoo(N=240, K=4, D=16); "
+            "kw = dict(iterations=20, eval_every=10, batch_size=32); serial = itm.rank(f, y, **kw)\n"
+            "with cf.ThreadPoolExecutor(2) as ex: pooled = itm.rank(f, y, executor=ex, **kw)\n"
+            "try: itm.rank(f, y, jobs=2, **kw)\n"
+            "except ValueError as e: err = str(e)\n"
+            "print(json.dumps([[(n, r.score) for n, r in serial] == [(n, r.score) for n, r in pooled], err]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    same, err = json.loads(out.stdout)
+    assert same and "itm_parallel.py" in err, err
+    np = pytest.importorskip("numpy")
+    feats = tmp_path / "f.npz"
+    np.savez(feats, a=np.random.default_rng(0).standard_normal((60, 4)), labels=np.arange(60) % 2)
+    (tmp_path / "truth.json").write_text('{"a": 1.0}')
+    cli = subprocess.run([sys.executable, "itm.py", "--features", str(feats), "--truth", "truth.json"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert cli.returncode == 1 and cli.stdout == ""
+    assert cli.stderr.strip() == "itm: error: --truth: needs kendall.py beside itm.py", cli.stderr
