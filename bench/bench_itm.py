@@ -89,15 +89,6 @@ def folds_floor(E, y, cfg):
     return sum(flop_floor(E, itm.make_plan(E, y, cfg, fold=f), cfg) for f in range(cfg.folds))
 
 
-def protocol_costs(E, y, rounds):
-    """Median seconds of the default (k folds) and of the paper protocol (one split), each beside its floor."""
-    out = {}
-    for name, cfg in (("default", itm.Config()), ("paper", itm.preset("paper"))):
-        out[name] = (median_seconds(rounds, itm.itm_score, E, y, cfg),
-                     float(np.median([folds_floor(E, y, cfg) for _ in range(rounds)])), cfg.folds)
-    return out
-
-
 def spectral_floor(plan, cfg):
     """The float64 eigendecompositions SPEC §2 requires, alone: one per training step and one per scoring
     batch (of the Z×Z Gram when Z ≤ B, else of the B×B kernel), on one BLAS thread as ITM runs them.
@@ -262,17 +253,26 @@ def median_seconds(rounds, fn, *args):
     return float(np.median(times))
 
 
-def print_protocol_costs(rounds):
-    """The cost of cross-fitting at the CIFAR-100 shape: default vs k × floor vs the paper protocol."""
-    N, D, K = SHAPES["cifar100_r50"]
+def shape_row(N, D, K, rounds, with_torch):
+    """One row of the README table: the default (k folds) beside k × its floors, the paper protocol
+    (one split) beside its floor, the NumPy-only default, the naive torch run of the paper protocol."""
     E, y = synthetic(N, D, K)
     itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)
-    costs = protocol_costs(E, y, rounds)
-    print("| protocol (CIFAR-100 shape, one model) | median s | k × FLOP floor s | ratio |")
-    print("|---|---|---|---|")
-    for name, (seconds, floor, k) in costs.items():
-        print(f"| {name} (k = {k}) | {seconds:.2f} | {floor:.2f} | {seconds / floor:.2f} |")
-    print(f"\ndefault / paper protocol: {costs['default'][0] / costs['paper'][0]:.2f}×\n", flush=True)
+    cfg, paper = itm.Config(), itm.preset("paper")
+    plans = [itm.make_plan(E, y, cfg, fold=f) for f in range(cfg.folds)]
+    ours = median_seconds(rounds, itm.itm_score, E, y, cfg)
+    floor = float(np.median([sum(flop_floor(E, p, cfg) for p in plans) for _ in range(rounds)]))
+    eigh = float(np.median([sum(spectral_floor(p, cfg) for p in plans) for _ in range(rounds)]))
+    ours_paper = median_seconds(rounds, itm.itm_score, E, y, paper)
+    paper_plan = itm.make_plan(E, y, paper)
+    floor_paper = float(np.median([flop_floor(E, paper_plan, paper) for _ in range(rounds)]))
+    itm.USE_NUMBA = False
+    numpy_only = median_seconds(1, itm.itm_score, E, y, cfg)
+    itm.USE_NUMBA = itm.HAVE_NUMBA
+    naive = torch_naive_seconds(E, y, paper) if with_torch else float("nan")
+    return (f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {floor + eigh:.2f} | "
+            f"{ours / (floor + eigh):.2f} | {ours_paper:.2f} | {floor_paper:.2f} | {ours_paper / floor_paper:.2f} | "
+            f"{ours / ours_paper:.2f} | {numpy_only:.2f} | {naive:.1f} | {naive / ours_paper:.1f}× |")
 
 
 def main(argv=None):
@@ -280,31 +280,15 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="only the CIFAR-100-shaped case")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--protocol-only", action="store_true", help="only the default-vs-paper protocol table")
     args = p.parse_args(argv)
-    print_protocol_costs(args.rounds)
-    if args.protocol_only:
-        return 0
-    print("| features (N × D, K) | ITM median s | FLOP floor s | ITM / floor | eigh alone s | floor + eigh s | "
-          "ITM / (floor + eigh) | NumPy-only s | torch naive s (scaled) | torch / ITM |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    k = itm.Config().folds
+    print(f"| features (N × D, K) | ITM default s (k = {k} folds) | k × FLOP floor s | ITM / floor | "
+          "k × (floor + eigh) s | ITM / (floor + eigh) | paper protocol s (one split) | its floor s | "
+          "paper / floor | default / paper | NumPy-only default s | torch naive s (paper protocol, scaled) | "
+          "torch / ITM paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in (["cifar100_r50"] if args.quick else SHAPES):
-        N, D, K = SHAPES[name]
-        E, y = synthetic(N, D, K)
-        itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)
-        cfg = itm.Config()
-        plan = itm.make_plan(E, y, cfg)
-        ours = median_seconds(args.rounds, itm.itm_score, E, y)
-        floor = float(np.median([flop_floor(E, plan, cfg) for _ in range(args.rounds)]))
-        eigh = float(np.median([spectral_floor(plan, cfg) for _ in range(args.rounds)]))
-        itm.USE_NUMBA = False
-        numpy_only = median_seconds(1, itm.itm_score, E, y)
-        itm.USE_NUMBA = itm.HAVE_NUMBA
-        naive = float("nan") if args.no_torch else torch_naive_seconds(E, y, cfg)
-        print(f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {eigh:.2f} | "
-              f"{floor + eigh:.2f} | {ours / (floor + eigh):.2f} | {numpy_only:.2f} | {naive:.1f} | "
-              f"{naive / ours:.1f}× |", flush=True)
-        del E
+        print(shape_row(*SHAPES[name], args.rounds, not args.no_torch), flush=True)
     F, maps = synthetic_dense()
     itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
     dense_s = median_seconds(1, itm.itm_score, F, maps)

@@ -38,13 +38,7 @@ def blobs(seed=0, N=360, D=24, K=6, sep=1.0, dtype=np.float32):
     return (sep * means[y] + rng.standard_normal((N, D))).astype(dtype), y
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The oracle's matrices are tiny: several torch threads only cost time (5× here). Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 @pytest.fixture(params=["numba", "numpy"])
