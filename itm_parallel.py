@@ -51,6 +51,7 @@ def make_executor(scheduler):
             workers = scheduler[len("local:"):]
             if not workers.isdigit() or int(workers) < 1:
                 raise ValueError(f"--scheduler local:N needs N ≥ 1 workers, got {scheduler!r}")
+            stack.enter_context(_without_malloc_trim())
             cluster = stack.enter_context(LocalCluster(n_workers=int(workers), threads_per_worker=1,
                                                        processes=True, dashboard_address=None))
             client = stack.enter_context(Client(cluster))
@@ -60,6 +61,16 @@ def make_executor(scheduler):
             except (OSError, TimeoutError) as err:
                 raise ValueError(f"cannot reach the Dask scheduler {scheduler}: {itm.one_line(err)}") from None
         yield _DaskExecutor(client)
+
+
+def _without_malloc_trim():
+    """Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_ set, which turns off glibc's adaptive
+    mmap threshold: every batch-sized temporary is then mapped and unmapped afresh, which made ITM's runs
+    about 2× slower (bench/bench_cluster.py). Workers started here keep glibc's default."""
+    import dask
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
 
 class _DaskExecutor:

@@ -332,3 +332,15 @@ def test_score_pool_on_cluster_shares_each_array_once(cluster):
     assert got == want and not any(got["errors"].values())
     assert sorted(counting.shared.count(id(x)) for x in [labels, *feats.values()]) == [1] * 4
     assert len(counting.shared) == 4
+
+
+def _worker_environ():
+    import os
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_local_workers_keep_glibcs_adaptive_malloc_and_one_blas_thread(cluster):
+    # Dask's nannies set MALLOC_TRIM_THRESHOLD_, which turns off glibc's adaptive mmap threshold (ITM's
+    # runs about 2× slower); make_executor("local:N") starts its workers without it, and keeps the rest
+    # of Dask's worker environment (one OpenMP/BLAS thread per worker)
+    assert set(cluster.client.run(_worker_environ).values()) == {(None, "1")}
