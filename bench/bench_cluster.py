@@ -27,11 +27,17 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "flowers17_8models.npz")
 
 
-def timed_grid(feature_sets, labels, configs, **how):
-    """(wall seconds, [[score per model] per config]) of one score_grid call."""
+def timed(grid_fn, *args, **kwargs):
+    """(wall seconds, [[score per model] per config]) of one call that returns score_grid's result."""
     start = time.perf_counter()
-    grid = itm.score_grid(feature_sets, labels, configs, **how)
+    grid = grid_fn(*args, **kwargs)
     return time.perf_counter() - start, [[r.score for r in run.values()] for run in grid]
+
+
+def on_local_cluster(workers, *args):
+    """score_grid(*args) on a LocalCluster started (and stopped) for it."""
+    with itm.make_executor(f"local:{workers}") as executor:
+        return itm.score_grid(*args, executor=executor)
 
 
 def _touch(X):
@@ -68,13 +74,10 @@ def main(argv=None):
     feature_sets, labels = itm.load_features(EXAMPLE)
     configs = [dataclasses.replace(itm.Config(), seed=s) for s in range(args.seeds)]
     itm.itm_score(next(iter(feature_sets.values())), labels, iterations=2, eval_every=1, folds=2)  # compile
-    rows = [("serial", *timed_grid(feature_sets, labels, configs)),
-            (f"jobs={args.workers}", *timed_grid(feature_sets, labels, configs, jobs=args.workers))]
-    start = time.perf_counter()
-    with itm.make_executor(f"local:{args.workers}") as executor:
-        grid = itm.score_grid(feature_sets, labels, configs, executor=executor)
-    rows.append((f"scheduler local:{args.workers}", time.perf_counter() - start,
-                 [[r.score for r in run.values()] for run in grid]))
+    pool = (feature_sets, labels, configs)
+    rows = [("serial", *timed(itm.score_grid, *pool)),
+            (f"jobs={args.workers}", *timed(itm.score_grid, *pool, jobs=args.workers)),
+            (f"scheduler local:{args.workers}", *timed(on_local_cluster, args.workers, *pool))]
     same = all(scores == rows[0][2] for _, _, scores in rows)
     print(f"{len(feature_sets)} models × {args.seeds} seeds ({len(feature_sets) * args.seeds} runs, "
           f"{itm.Config().folds} folds each):")
