@@ -122,75 +122,31 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # ============================================================================== input checks
 
 def encode_labels(labels):
-    """Map labels (ints, integer-valued floats, bools or strings) to ``0..C-1``.
-
-    Returns ``(y, classes)`` with ``classes[y] == labels``. Classes are sorted, so integer labels
-    that already are ``0..C-1`` map to themselves; unused integer values are dropped.
-    """
-    y = np.asarray(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D (one label per sample), got shape {y.shape}")
-    if y.size == 0:
-        raise ValueError("labels are empty")
-    if y.dtype.kind == "c":
-        raise ValueError("labels must be integers or strings, got complex numbers")
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all():
-            raise ValueError("labels contain NaN/Inf")
-        frac = y != np.round(y)
-        if frac.any():
-            raise ValueError(f"labels must be integers, got non-integer float label {y[frac][0]!r}")
-        y = y.astype(np.int64)
-    try:
-        classes, inverse = np.unique(y, return_inverse=True)
-    except TypeError as exc:                      # object array mixing e.g. str and None
-        raise ValueError(f"labels cannot be sorted into classes: {exc}") from None
-    return inverse.reshape(-1).astype(np.intp), classes
+    """Map labels to ``0..C-1``: ``(y, classes)`` with ``classes[y] == labels`` (itm.encode_labels, the
+    project's one label check, without ITM's two classes and two samples a class)."""
+    return itm.encode_labels(labels, min_count=1, min_classes=1)
 
 
 def _check_features(features, name="features"):
-    """N×D float32/float64 array with finite values (float16, ints and bools are upcast)."""
-    return _checked(features, name)[0]
-
-
-def _checked(features, name):
-    """``_check_features`` plus the column maxima and minima it computed on the way."""
-    X = np.asarray(features)
-    if X.dtype.kind not in "fiub":
-        raise ValueError(f"{name} must be numeric, got dtype {X.dtype}")
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (N samples x D dims), got {X.ndim}-D "
-                         f"with shape {X.shape}")
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {X.shape})")
-    if X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float32 if X.dtype.kind in "fb" else np.float64)
-    hi, lo = X.max(axis=0), X.min(axis=0)          # NaN/Inf reach these: no N×D temporary
-    if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
-        bad = np.argwhere(~np.isfinite(X))
-        raise ValueError(f"{name} contain {len(bad)} NaN/Inf values (first at row {bad[0, 0]}, "
-                         f"column {bad[0, 1]})")
-    return X, hi, lo
+    """N×D float32/float64 array (itm.check_features; float16, ints and bools are upcast)."""
+    X = itm.check_features(features, what=name)
+    if X.dtype in (np.float32, np.float64):
+        return X
+    return X.astype(np.float32 if X.dtype.kind in "fb" else np.float64)
 
 
 def _check_inputs(features, labels, name="features"):
     """Validated ``(X, y, C)``: features N×D, not constant, labels 0..C-1 of length N, C >= 2."""
-    X, hi, lo = _checked(features, name)
-    if np.array_equal(hi, lo):
-        what = "all zero" if not hi.any() else "every dimension takes a single value"
+    X = _check_features(features, name)
+    if np.array_equal(X.max(axis=0), X.min(axis=0)):
+        what = "all zero" if not X[0].any() else "every dimension takes a single value"
         raise ValueError(f"{name} are constant ({what}): nothing to rank by")
     return (X, *_labels_for(labels, X.shape[0], name))
 
 
 def _labels_for(labels, N, what):
     """``(y, C)`` of labels for the N rows of ``what``: one label per row, C >= 2 classes."""
-    y, classes = encode_labels(labels)
-    if len(y) != N:
-        raise ValueError(f"N mismatch: {what} have {N} rows but labels have {len(y)} entries")
-    if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes, labels contain only one ({classes[0]!r})")
+    y, classes = itm.encode_labels(labels, N, min_count=1, what=what)
     return y, len(classes)
 
 
@@ -222,7 +178,7 @@ def _map_blocks(X, center, work, init=dict):
     Each thread owns an accumulator ``acc = init()`` (also its scratch space) and a fixed set
     of blocks (k, k + W, ...), so sums are deterministic; BLAS runs single-threaded inside.
     Independent blocks share a busy 2-core machine far better than OpenBLAS's own threads,
-    whose spin-waiting barriers stall when a core is taken (measured up to 10x slower).
+    whose spin-waiting barriers stall whenever another process takes a core.
     Returns the W accumulators.
     """
     ranges = _row_blocks(*X.shape)
@@ -695,11 +651,7 @@ def nce(features, labels):
         raise ValueError(f"nce needs 1-D source predictions or N×C_s probabilities, got shape "
                          f"{Z.shape}")
     zs, zclasses = encode_labels(z)
-    y, classes = encode_labels(labels)
-    if len(y) != len(zs):
-        raise ValueError(f"N mismatch: {len(zs)} source predictions but {len(y)} labels")
-    if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes, labels contain only one ({classes[0]!r})")
+    y, classes = itm.encode_labels(labels, len(zs), min_count=1, what="source predictions")
     C, Cs, N = len(classes), len(zclasses), len(y)
     joint = np.bincount(y * Cs + zs, minlength=C * Cs).reshape(C, Cs) / N
     pz = joint.sum(axis=0)                                   # > 0: unused z were dropped
@@ -1763,9 +1715,7 @@ def _load_inputs(args, methods):
         raise ValueError("these baselines score one label per image; dense (segmentation) input "
                          f"— features N×h×w×D{' (' + dense[0] + ')' if dense else ''} or label "
                          "maps — is scored by itm.py only")
-    y, classes = encode_labels(labels)
-    if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes, labels contain only one ({classes[0]!r})")
+    y, classes = itm.encode_labels(labels, min_count=1)
     for m, F in feature_sets.items():
         if np.ndim(F) != 2 or np.shape(F)[0] != len(y):
             raise ValueError(f"N mismatch: model {m!r} has features of shape {np.shape(F)} but "
@@ -1843,7 +1793,7 @@ def _main(argv):
 
 def main(argv=None):
     """CLI entry point; returns the exit status (errors: one line on stderr, status 1)."""
-    return itm.run_cli("baselines.py", _main, argv)
+    return itm.run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

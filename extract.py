@@ -124,7 +124,7 @@ def _check_model(name: str, checkpoint=None, arch: str | None = None, pool: str 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ExtractError(f"checkpoint {checkpoint} does not exist")
     if pool not in (None, "cls", "mean"):
-        raise ExtractError(f"--pool must be cls or mean, not {pool!r}")
+        raise ExtractError(f"--pool must be cls or mean, got {pool!r}")
     if pool is not None and not _is_vit(arch):
         raise ExtractError(f"--pool applies to ViTs only, not to {arch}")
 
@@ -368,11 +368,11 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled extras (argparse/yacs configs) need the full unpickler
         if "weights only load failed" not in str(exc).lower():
-            raise ExtractError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+            raise ExtractError(f"cannot read checkpoint {path}: {itm.one_line(exc)}") from None
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise ExtractError(f"cannot read checkpoint {path}: {_first_line(exc2)}") from None
+            raise ExtractError(f"cannot read checkpoint {path}: {itm.one_line(exc2)}") from None
         print(f"note: {path.name} holds non-tensor objects; loaded with weights_only=False", file=sys.stderr)
     for key in ("state_dict", "model", "teacher"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
@@ -381,11 +381,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ExtractError(f"checkpoint {path} holds no state dict of tensors")
     return ckpt
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _sha256(path: Path) -> str:
@@ -411,7 +406,7 @@ def fetch_weights(model: str, url: str | None, filename: str, sha256: str | None
     try:  # download_url_to_file writes a temporary file and renames it: no partial file in the cache
         torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256, progress=True)
     except (OSError, RuntimeError) as exc:  # URLError, HTTPError, timeouts are OSErrors; a bad hash is not
-        raise ExtractError(f"{model}: the weights could not be fetched from {url} ({_first_line(exc)}); "
+        raise ExtractError(f"{model}: the weights could not be fetched from {url} ({itm.one_line(exc)}); "
                            f"offline? they are expected in {dst} (copy the file there, or pass "
                            f"--checkpoint FILE --arch {model})") from None
     return dst
@@ -649,7 +644,7 @@ def _torchvision_dataset(name: str, root: Path, split: str, download: bool):
 
 def _dataset_error(name: str, root, exc: Exception) -> ExtractError:
     """torchvision's first line, with its advice to use `download=True` in the CLI's words."""
-    return ExtractError(f"{name} under {root}: {_first_line(exc).replace('download=True', '--download')}")
+    return ExtractError(f"{name} under {root}: {itm.one_line(exc).replace('download=True', '--download')}")
 
 
 def _root(name: str, root, download: bool) -> Path:
@@ -690,7 +685,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
 def _limit(ds, limit: int | None):
     """A seeded random subset (original order kept): the first N of a class-sorted set would be one class."""
     if limit is not None and limit < 1:
-        raise ExtractError(f"--limit must be >= 1, not {limit}")
+        raise ExtractError(f"--limit must be ≥ 1, got {limit}")
     if limit is None or limit >= len(ds):
         return ds
     idx = np.sort(np.random.default_rng(0).choice(len(ds), size=limit, replace=False))
@@ -776,7 +771,7 @@ class SegFolder(torch.utils.data.Dataset):
                     size_a, size_b, mode = a.size, b.size, b.mode
             except Exception as exc:
                 raise ExtractError(f"segfolder {root}: cannot read {img.name} / {mask.name}: "
-                                   f"{_first_line(exc)}") from None
+                                   f"{itm.one_line(exc)}") from None
             if mode not in _MASK_MODES:
                 raise ExtractError(f"mask {mask} has mode {mode}: masks must be single-channel class ids "
                                    "(0..254, 255 = ignore)")
@@ -812,7 +807,7 @@ def load_seg_dataset(name: str, root: str | Path | None = None, split: str = "tr
                      limit: int | None = None):
     """A dataset of (RGB image, 'L' mask: class ids, 255 = ignore) items, and the split actually used."""
     if name not in SEG_DATASETS:
-        raise ExtractError(f"--dense needs a segmentation dataset ({', '.join(SEG_DATASETS)}), not {name!r}")
+        raise ExtractError(f"--dense needs a segmentation dataset ({', '.join(SEG_DATASETS)}), got {name!r}")
     root = _root(name, root, download and name.startswith("voc"))
     if name == "segfolder":
         folder = root / split if (root / split / "images").is_dir() else root
@@ -1054,9 +1049,9 @@ def _check_options(out: Path, *, dense, limit, size, checkpoint, arch, pool, bat
     for option, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
                                  ("--limit", limit, 1), ("--size", size, 1)):
         if value is not None and value < least:
-            raise ExtractError(f"{option} must be >= {least}, not {value}")
+            raise ExtractError(f"{option} must be ≥ {least}, got {value}")
     if dtype not in ("float16", "float32"):
-        raise ExtractError(f"--dtype must be float16 or float32, not {dtype!r}")
+        raise ExtractError(f"--dtype must be float16 or float32, got {dtype!r}")
     if arch is not None and checkpoint is None:
         raise ExtractError("--arch is the architecture of --checkpoint: give both or neither")
     if dense and pool is not None:
@@ -1183,9 +1178,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     p.add_argument("--out", help="output .npz (resumed if it exists)")
     p.add_argument("--labels-out", help="also write the labels as .npy")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (>= 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (≥ 1)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes (>= 0; 0: in the main process)")
+                   help="data-loading processes (≥ 0; 0: in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--limit", type=int, help="random subset of N >= 1 images (seed 0), for a quick look")
@@ -1292,7 +1287,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return itm.run_cli("extract.py", _main, argv)
+    return itm.run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,10 @@ except ImportError:
     ThreadpoolController = None
 
 # The public API. Other names without an underscore are the steps of the method (phi, psi,
-# propagate_logits, ...) and the helpers the sibling modules share (one_line, write_atomic, run_cli, ...).
+# propagate_logits, ...) and the helpers the sibling modules share (check_features, encode_labels,
+# one_line, write_atomic, run_cli, ...): one convention for each concern across the project.
 __all__ = ["Config", "Result", "Plan", "Diverged", "preset", "itm_score", "rank", "score_grid", "make_plan",
-           "train", "make_executor", "load_features", "load_truth", "main"]
+           "train", "make_executor", "load_features", "main"]
 __version__ = "0.1.0"
 
 
@@ -548,24 +549,29 @@ def adamw_step(p, g, m, v, lr, wd, b1, b2, eps, step):
 
 # -- checked input: features, labels, dense label maps -------------------------------------------------
 
-def _check_features(F, ndim=2):
+def check_features(F, ndim=2, what="features"):
+    """F as an array: N×D (ndim 2) or N×h×w×D (ndim 4), numeric, ≥ 2 samples, finite. Every module's
+    features pass here; the finiteness check reads ~1M values at a time, so a memory-mapped pool is
+    never copied whole."""
     F = np.asarray(F) if not isinstance(F, np.ndarray) else F
     if F.ndim != ndim:
         want = "a 2-D array N×D (one row per sample)" if ndim == 2 else "a 4-D array N×h×w×D"
-        raise ValueError(f"features must be {want}, got shape {F.shape}")
-    if not (np.issubdtype(F.dtype, np.floating) or np.issubdtype(F.dtype, np.integer)):
-        raise ValueError(f"features must be numeric, got dtype {F.dtype}")
-    if as_rows(F).shape[0] < 2 or F.shape[-1] < 1:
-        raise ValueError(f"features must have at least 2 samples and 1 dimension, got shape {F.shape}")
+        raise ValueError(f"{what} must be {want}, got shape {F.shape}")
+    if F.dtype.kind not in "fiub":
+        raise ValueError(f"{what} must be numeric, got dtype {F.dtype}")
     rows = as_rows(F)
-    for s in _slices(*rows.shape):                       # chunked: no N×D temporary
+    if rows.shape[0] < 2 or rows.shape[1] < 1:
+        raise ValueError(f"{what} must have at least 2 samples and 1 dimension, got shape {F.shape}")
+    for s in (_slices(*rows.shape) if F.dtype.kind == "f" else ()):   # integers are always finite
         chunk = rows[s]
         if F.dtype == np.float16:                        # exponent bits all set: Inf or NaN
-            bad = np.any((chunk.view(np.uint16) & 0x7C00) == 0x7C00)
+            bad = (chunk.view(np.uint16) & 0x7C00) == 0x7C00
         else:
-            bad = not np.all(np.isfinite(chunk))
-        if bad:
-            raise ValueError("features contain NaN or Inf values")
+            bad = ~np.isfinite(chunk)
+        if bad.any():
+            first = s.start * rows.shape[1] + int(np.argmax(bad.reshape(-1)))
+            where = [int(i) for i in np.unravel_index(first, F.shape)]
+            raise ValueError(f"{what} contain NaN/Inf values (the first at index {where})")
     return F
 
 
@@ -574,17 +580,27 @@ def as_rows(features):
     return features.reshape(-1, features.shape[-1]) if features.ndim == 4 else features
 
 
-def encode_labels(labels, N=None, min_count=2):
-    """Map labels (ints, integral floats or strings) to 0..K−1; returns (y, classes)."""
+def encode_labels(labels, N=None, min_count=2, min_classes=2, what="features"):
+    """Map labels (ints, integral floats, bools or strings; 1-D or an N×1 column) to 0..K−1; returns
+    (y, classes) with classes[y] == labels. N: the rows of `what` they label. Every module's labels pass
+    here: ITM needs min_classes=2 and min_count=2 samples a class (one to train, one to score); the
+    baselines take min_count=1."""
     labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        raise ValueError(f"labels must be 1-D (one label per sample), got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("labels are empty")
     if N is not None and labels.shape[0] != N:
-        raise ValueError(f"features have N={N} rows but labels have {labels.shape[0]}")
+        raise ValueError(f"N mismatch: {what} have N={N} rows but labels have {labels.shape[0]} entries")
     if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise ValueError("labels are floats with non-integer or non-finite values; "
-                             "pass integer class ids or strings")
+        if not np.all(np.isfinite(labels)):
+            raise ValueError("labels contain NaN/Inf; pass integer class ids or strings")
+        frac = labels != np.round(labels)
+        if np.any(frac):
+            raise ValueError(f"labels must be integer class ids or strings, got the non-integer float "
+                             f"label {labels[frac][0]!r}")
         labels = labels.astype(np.int64)
     elif labels.dtype.kind not in "iubUSO":
         raise ValueError(f"labels must be integers or strings, got dtype {labels.dtype}")
@@ -594,14 +610,14 @@ def encode_labels(labels, N=None, min_count=2):
         kinds = sorted({type(v).__name__ for v in labels.tolist()})
         raise ValueError(f"labels mix types ({', '.join(kinds)}); give one type: integer ids or "
                          "strings") from None
-    if classes.size < 2:
-        raise ValueError(f"labels contain a single class ({classes[0]!r}); ranking needs at least 2")
-    counts = np.bincount(y)
+    if classes.size < min_classes:
+        raise ValueError(f"labels contain a single class ({classes[0]!r}); ranking needs at least 2 classes")
+    counts = np.bincount(y.reshape(-1))
     if counts.min() < min_count:
-        lonely = [str(classes[k]) for k in np.flatnonzero(counts < 2)[:5]]
+        lonely = [str(classes[k]) for k in np.flatnonzero(counts < min_count)[:5]]
         raise ValueError(f"class(es) {', '.join(lonely)} have a single sample; every class needs ≥ 2 "
                          "(one to train, one to score)")
-    return y.astype(np.int64), classes
+    return y.reshape(-1).astype(np.int64), classes
 
 
 IGNORE = 255  # label-map value of unlabelled pixels
@@ -635,7 +651,7 @@ def downsample_labels(maps, h, w):
 def dense_samples(features, maps):
     """Dense input as samples: labels of every position (−1 where ignored), the classes, and the image
     of every position. Features N×h×w×D, label maps N×H×W."""
-    F = _check_features(features, ndim=4)
+    F = check_features(features, ndim=4)
     maps = np.asarray(maps)
     if maps.ndim != 3 or maps.shape[0] != F.shape[0]:
         raise ValueError(f"dense features {F.shape} need label maps N×H×W with N={F.shape[0]}, "
@@ -980,7 +996,7 @@ def prepare(features, labels, cfg):
         y, classes, image = dense_samples(features, labels)
         F, N = as_rows(np.asarray(features)), int(np.sum(y >= 0))
     else:
-        F = _check_features(features)
+        F = check_features(features)
         y, classes = encode_labels(labels, F.shape[0])
         image, N = None, F.shape[0]
     if N < cfg.batch_size:
@@ -1339,7 +1355,8 @@ def _sibling(module, needs):
 # Speed: numba twins of the NumPy references above, only where they measure faster. Each loop
 # computes what its reference does (to rounding); _dispatch picks one at call time (USE_NUMBA). Every
 # twin here is faster at the default shapes (bench/bench_itm.py times runs with and without); a twin of φ
-# alone (a Z-vector) was not, and went.
+# alone (a Z-vector) was not, and went. softmax_ce's pays for the small K of most targets; near K = 100
+# NumPy's vectorised exp overtakes its scalar one.
 
 def _njit(fn, **options):
     # error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops
@@ -1526,7 +1543,8 @@ def bundled_example():
     path = os.path.join(EXAMPLE_DIR, "flowers17_8models.npz")
     if os.path.exists(path):
         feature_sets, labels = load_features(path)
-        truth = load_truth(os.path.join(EXAMPLE_DIR, "flowers17_8models_truth.json"))
+        with open(os.path.join(EXAMPLE_DIR, "flowers17_8models_truth.json")) as fh:
+            truth = json.load(fh)                        # {model: fine-tuned accuracy}
         return feature_sets, labels, truth, ("bundled example: 8 real pre-trained models on Flowers-17 "
                                              "(examples/), scored against their real fine-tuning accuracy")
     feature_sets, labels, truth = synthetic_zoo()
@@ -1604,39 +1622,6 @@ def _load_npz(path):
                 raise ValueError(f"cannot read array {key!r} of {path}: {one_line(err)}") from None
     labels = arrays.pop("labels", None)
     return arrays, labels
-
-
-def load_truth(path, target=None, dataset=None):
-    """{model: fine-tuned accuracy} from a JSON file that is either that object itself or a ground-truth
-    file {target: {model: accuracy}, ...} (metadata entries that are not such tables are ignored): the
-    table named `target`; else the one named like `dataset`, where there is one; else the only table."""
-    try:
-        with open(path) as fh:
-            doc = json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"truth file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read truth file {path}: {one_line(err)}") from None
-    if not isinstance(doc, dict) or not doc:
-        raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
-    if _is_table(doc):
-        return {k: float(v) for k, v in doc.items()}
-    tables = {k: v for k, v in doc.items() if isinstance(v, dict) and v and _is_table(v)}
-    if target is not None:
-        if target not in tables:
-            raise ValueError(f"{path} has no table {target!r} (tables: {', '.join(tables) or 'none'})")
-        return {k: float(v) for k, v in tables[target].items()}
-    if dataset in tables:
-        return {k: float(v) for k, v in tables[dataset].items()}
-    if len(tables) != 1:
-        raise ValueError(f"{path} holds {len(tables)} tables ({', '.join(tables) or 'none'}); "
-                         "name one (--target)" if tables else
-                         f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
-    return {k: float(v) for k, v in next(iter(tables.values())).items()}
-
-
-def _is_table(d):
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
 
 
 def dataset_name(path):
@@ -1911,11 +1896,17 @@ def _main(argv):
         feature_sets, labels, truth, source = bundled_example()
         dataset = "flowers17_8models" if "Flowers-17" in source else "synthetic"
         log(f"itm: no --features given; running the {source}")
+        try:
+            _sibling("kendall", "τ_w")
+        except ValueError:                               # itm.py copied alone: the table without τ_w
+            truth = None
+            log("itm: τ_w against the fine-tuned accuracies needs kendall.py beside itm.py; not shown")
     else:
         models = args.models.split(",") if args.models else None
         feature_sets, labels = load_features(args.features, args.labels, models)
         dataset = dataset_name(args.features)
-        truth = load_truth(args.truth, args.target, dataset) if args.truth else None
+        truth = _sibling("kendall", "--truth").load_truth(args.truth, args.target, dataset) if args.truth \
+            else None
     if np.ndim(labels) == 1:
         encode_labels(labels)                            # bad labels fail once, before any model runs
     note = _compile_note()

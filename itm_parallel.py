@@ -66,7 +66,7 @@ def make_executor(scheduler):
 def _without_malloc_trim():
     """Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_ set, which turns off glibc's adaptive
     mmap threshold: every batch-sized temporary is then mapped and unmapped afresh, which made ITM's runs
-    about 2× slower (bench/bench_cluster.py). Workers started here keep glibc's default."""
+    much slower (bench/bench_cluster.py measures it). Workers started here keep glibc's default."""
     import dask
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)

@@ -67,7 +67,7 @@ PROG = itm.prog_name("kendall.py", "itm-kendall")  # the name in this CLI's mess
 numba, HAVE_NUMBA = itm.numba, itm.HAVE_NUMBA  # one numba guard (and ITM_NO_NUMBA), in itm.py
 
 __all__ = ["weighted_tau", "kendall_tau", "spearman_rho", "pearson_r", "rel_k", "top1_hit",
-           "evaluate", "stability", "main"]
+           "evaluate", "stability", "load_truth", "main"]
 
 
 def _jit(fn):
@@ -552,10 +552,39 @@ def _load_json(path, what):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{what} file not found: {path}") from None
     except OSError as e:
         raise ValueError(f"cannot read {what} file {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{what} file {path} is not valid JSON: {itm.one_line(e)}") from None
+
+
+def load_truth(path, target=None, dataset=None):
+    """{model: fine-tuned accuracy} from a JSON file that is either that object itself or a ground-truth
+    file {target: {model: accuracy}, ...} (metadata entries that are not such tables are ignored): the
+    table named `target`; else the one named like `dataset`, where there is one; else the only table."""
+    doc = _load_json(path, "truth")
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
+    if _is_table(doc):
+        return {k: float(v) for k, v in doc.items()}
+    tables = {k: v for k, v in doc.items() if isinstance(v, dict) and v and _is_table(v)}
+    if target is not None:
+        if target not in tables:
+            raise ValueError(f"{path} has no table {target!r} (tables: {', '.join(tables) or 'none'})")
+        return {k: float(v) for k, v in tables[target].items()}
+    if dataset in tables:
+        return {k: float(v) for k, v in tables[dataset].items()}
+    if len(tables) != 1:
+        raise ValueError(f"{path} holds {len(tables)} tables ({', '.join(tables) or 'none'}); "
+                         "name one (--target)" if tables else
+                         f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
+    return {k: float(v) for k, v in next(iter(tables.values())).items()}
+
+
+def _is_table(d):
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
 
 
 def _levels(d):
@@ -597,20 +626,20 @@ def _truth_lookup(args):
 
     def lookup(name):
         if args.target is not None:
-            return args.target, itm.load_truth(args.truth, args.target)
+            return args.target, load_truth(args.truth, args.target)
         return (name or stem), _named_or_only(args.truth, name)
     return lookup
 
 
 def _named_or_only(path, name):
-    """The table the scores' dataset names, else the only one (itm.load_truth's rules for either)."""
+    """The table the scores' dataset names, else the only one (load_truth's rules for either)."""
     try:
-        return itm.load_truth(path, name)
+        return load_truth(path, name)
     except ValueError as err:
         if name is None:
             raise
         try:
-            table = itm.load_truth(path)
+            table = load_truth(path)
         except ValueError:
             raise err from None  # it names the tables there are
     warnings.warn(f"truth file {path} has no table {name!r}: its only table is used for {name!r}")
@@ -778,7 +807,7 @@ def _main(argv):
 
 def main(argv=None) -> int:
     """The command line; returns the exit status (errors: one line on stderr, status 1)."""
-    return itm.run_cli("kendall.py", _main, argv)
+    return itm.run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

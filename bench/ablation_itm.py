@@ -22,7 +22,7 @@ import kendall  # noqa: E402
 
 def run(args):
     feature_sets, labels = itm.load_features(args.features)
-    truth = itm.load_truth(args.truth, args.target)
+    truth = kendall.load_truth(args.truth, args.target)
     res = json.load(open(args.out)) if os.path.exists(args.out) else {}
     combos = [(p, 1, s) for s in range(args.seeds) for p in itm.PREPROCESS]
     combos += [(p, 5, s) for s in range(args.fold_seeds) for p in itm.PREPROCESS]

@@ -176,7 +176,7 @@ def read_groundtruth(bench_dir):
     for name, value in doc.items():
         if name not in ("protocol", "details") and isinstance(value, dict) and value:
             with contextlib.suppress(ValueError):      # a metadata entry, not a {model: acc} table
-                tables[name] = {m: v for m, v in itm.load_truth(path, name).items() if math.isfinite(v)}
+                tables[name] = {m: v for m, v in kendall.load_truth(path, name).items() if math.isfinite(v)}
     details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
     return tables, details
 

@@ -521,18 +521,18 @@ def no_work(monkeypatch):
 
 
 @pytest.mark.parametrize("option, value, bound", [
-    ("--batch-size", 0, ">= 1"), ("--limit", -3, ">= 1"), ("--limit", 0, ">= 1"), ("--workers", -2, ">= 0")])
+    ("--batch-size", 0, "≥ 1"), ("--limit", -3, "≥ 1"), ("--limit", 0, "≥ 1"), ("--workers", -2, "≥ 0")])
 def test_numeric_options_out_of_range(tmp_path, capsys, monkeypatch, npz_data, option, value, bound):
     no_work(monkeypatch)
     rc, _, err = cli(capsys, "--models", "resnet18", *quick(tmp_path / "f.npz", npz_data), option, value)
-    one_line_error(rc, err, f"{option} must be {bound}, not {value}")
+    one_line_error(rc, err, f"{option} must be {bound}, got {value}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz"]
 
 
 def test_options_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, monkeypatch, npz_data, segfolder):
     no_work(monkeypatch)
     rc, _, err = cli(capsys, "--models", "resnet18", "--size", 0, *dense_args(tmp_path / "d.npz", segfolder))
-    one_line_error(rc, err, "--size must be >= 1, not 0")
+    one_line_error(rc, err, "--size must be ≥ 1, got 0")
     rc, _, err = cli(capsys, "--models", "resnet18", "--arch", "resnet50", *quick(tmp_path / "f.npz", npz_data))
     one_line_error(rc, err, "--arch is the architecture of --checkpoint")
     rc, _, err = cli(capsys, "--models", "resnet18", "--device", "tpu:7", *quick(tmp_path / "f.npz", npz_data))

@@ -663,8 +663,8 @@ def bad_inputs():
     few = np.concatenate([np.flatnonzero(y == k)[:5] for k in range(6)])  # 30 rows, 5 per class
     return {
         "n_mismatch": (X, y[:-1], r"N=300.*299"),
-        "nan": (nan, y, r"NaN or Inf"),
-        "inf": (inf, y, r"NaN or Inf"),
+        "nan": (nan, y, r"NaN/Inf"),
+        "inf": (inf, y, r"NaN/Inf"),
         "one_class": (X, one_class, r"single class"),
         "single_sample_class": (X, single, r"99.*single sample"),
         "smaller_than_batch": (X[few], y[few], r"N=30.*batch_size"),
@@ -745,7 +745,7 @@ def test_bad_files_cli(tmp_path, capsys):
 def test_bad_input_subprocess_no_traceback(tmp_path):
     X, y, _ = bad_inputs()["nan"]
     path = write_npz(tmp_path / "nan.npz", {"model": X}, y)
-    for args, pattern, env in [(["--features", path], "NaN or Inf", {}),
+    for args, pattern, env in [(["--features", path], "NaN/Inf", {}),
                                (["--features", str(tmp_path / "missing.npz")], "not found",
                                 {"ITM_NO_NUMBA": "1"})]:
         proc = run_cli(args + ["--quiet"], env)

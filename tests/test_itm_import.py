@@ -66,3 +66,15 @@ def test_alone_it_scores_on_any_executor_and_names_the_missing_sibling(tmp_path)
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert cli.returncode == 1 and cli.stdout == ""
     assert cli.stderr.strip() == "itm: error: --truth: needs kendall.py beside itm.py", cli.stderr
+
+
+def test_alone_the_bundled_example_ranks_without_tau(tmp_path):
+    """`python itm.py` with itm.py copied alone (no examples/, no kendall.py): the synthetic zoo is ranked
+    and printed, exit 0; τ_w, which needs kendall.py, is left out with a note instead of failing the run."""
+    (tmp_path / "itm.py").write_text((ROOT / "itm.py").read_text())
+    cli = subprocess.run([sys.executable, "itm.py", "--iterations", "20", "--eval-every", "10"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    rows = [line.split()[1] for line in cli.stdout.splitlines()[1:] if line[:5].strip().rstrip("≈").isdigit()]
+    assert sorted(rows) == [f"synthetic_{i}" for i in range(5)], cli.stdout
+    assert "tau" not in cli.stdout and "needs kendall.py beside itm.py" in cli.stderr, cli.stderr

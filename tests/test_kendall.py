@@ -399,7 +399,7 @@ def test_cli_several_methods_and_stability(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing_file", "cannot read scores file"),
+    ("missing_file", "scores file not found"),
     ("bad_json", "not valid JSON"),
     ("unknown_model", "models in scores but not in truth: ['zzz']"),
     ("no_table", "choose one with --table"),

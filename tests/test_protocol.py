@@ -252,7 +252,7 @@ def _degenerate(X):
 
 
 REASONS = {"const": "features are the same for every sample", "zero": "features are all zero",
-           "nan": "features contain NaN or Inf", "same_rows": "features are the same for every sample"}
+           "nan": "features contain NaN/Inf", "same_rows": "features are the same for every sample"}
 
 
 def test_rank_reports_each_bad_model_by_name():
