@@ -260,7 +260,7 @@ class _Scatter:
         self.Mc = S / self.counts[:, None]
         self.m = S.sum(axis=0) / N
         self.St = _sym(G / N - np.outer(self.m, self.m))
-        self.Sw = _sym((G - self.Mc.T @ (self.counts[:, None] * self.Mc)) / N)
+        self.Sw = _sym((G - self.Mc.T @ (self.counts[:, None] * self.Mc)) / N)  # D×D = (D×C)(C×D)
 
 
 def _sym(A):
@@ -344,7 +344,7 @@ def _project(X, center, V):
     Z = np.empty((X.shape[0], V.shape[1]))
 
     def work(acc, s, e, xb):
-        np.matmul(xb, V, out=Z[s:e])
+        np.matmul(xb, V, out=Z[s:e])  # N_b×k = (N_b×D)(D×k)
 
     _map_blocks(X, center, work)
     return Z
@@ -365,7 +365,7 @@ def _stratified_subsample(y, C, n_max, seed):
 def _class_sums(X, y, C):
     """Σ_{y=k} x (C×D, float64)."""
     def work(acc, s, e, xb):
-        acc["S"] = acc.get("S", 0.0) + _onehot(y[s:e], C).T @ xb
+        acc["S"] = acc.get("S", 0.0) + _onehot(y[s:e], C).T @ xb  # C×D = (C×N_b)(N_b×D)
 
     return sum(a.get("S", 0.0) for a in _map_blocks(X, None, work)) + np.zeros((C, X.shape[1]))
 
@@ -378,7 +378,7 @@ def _class_means_vars(X, y, C, ddof=0):
     def work(acc, s, e, xb):                                  # Σ_{y=k} (x − μ_k)², C×D
         _add_class_rows(xb, y[s:e], M, -1.0, acc)
         np.square(xb, out=xb)
-        acc["Q"] = acc.get("Q", 0.0) + _onehot(y[s:e], C).T @ xb
+        acc["Q"] = acc.get("Q", 0.0) + _onehot(y[s:e], C).T @ xb  # C×D = (C×N_b)(N_b×D)
 
     Q = sum(a.get("Q", 0.0) for a in _map_blocks(X, None, work)) + np.zeros_like(M)
     denom = counts - ddof
@@ -408,10 +408,10 @@ def _logme_spectrum(X, y, C, variant):
     if N > D and variant == "fixed_point":
         X64 = np.asarray(X, dtype=np.float64)
         with _one_blas_thread():
-            _, s, vh = np.linalg.svd(X64.T @ X64)
+            _, s, vh = np.linalg.svd(X64.T @ X64)             # D×D = (D×N)(N×D)
         s = np.sqrt(s)
         k = int(np.sum(s > 1e-10))
-        x = (vh[:k] @ (X64.T @ _onehot(y, C))) / s[:k, None]
+        x = (vh[:k] @ (X64.T @ _onehot(y, C))) / s[:k, None]  # k×C = (k×D)(D×N)(N×C)
         return s[:k] ** 2, x
     if N > D:
         G, S = _scatter(X, y, C, None)
@@ -508,7 +508,7 @@ def _log_evidence_profile(u, sigma, x2, r, N):
         logdet = np.log1p(sigma / t).sum(axis=1, keepdims=True)
     else:
         frac = t[:, None] / (t[:, None] + sigma)              # C×k
-        E = np.einsum("ck,kc->c", frac, x2) + r
+        E = np.einsum("ck,kc->c", frac, x2) + r               # C: per-class Σ_k, the diagonal of (C×k)(k×C)
         logdet = np.log1p(sigma / t[:, None]).sum(axis=1)
     return (-0.5 * logdet - 0.5 * N * np.log(E)) / N + 0.5 * (math.log(N) - 1.0 - _LOG_2PI)
 
@@ -619,6 +619,7 @@ def _leep_from_posteriors(P, y, C, log):
     joint = _onehot(y, C).T @ P / N                          # C×C_s, P(y, z)
     pz = joint.sum(axis=0)
     cond = np.divide(joint, pz, out=np.zeros_like(joint), where=pz > 0)   # P(y | z)
+    # N×C = (N×C_s)(C_s×C), then entry y_i of each row i: N
     eep = (P @ cond.T)[np.arange(N), y]                      # expected empirical prediction
     return float(np.mean(np.log(eep)) if log else np.mean(eep))
 
@@ -714,6 +715,7 @@ def reg_hscore(features, labels):
     N = len(y)
     st = _Scatter(X, y, C)
     def work(acc, s, e, xb):                                  # Σ_i ‖x_i − μ‖⁴
+        # N_b: per-row Σ of squares of N_b×D xb, ‖x_i − μ‖² (squared and summed: Σ_i ‖x_i − μ‖⁴)
         acc["r4"] = acc.get("r4", 0.0) + float(np.sum(np.einsum("ij,ij->i", xb, xb) ** 2))
 
     row_norm4 = sum(a.get("r4", 0.0) for a in _map_blocks(X, st.center + st.m, work))
@@ -726,6 +728,7 @@ def reg_hscore(features, labels):
 
 def _coding_rate(Z, n, eps):
     """½ log det(I + ZᵀZ/(n ε)) via Cholesky of the smaller Gram (Sylvester's identity)."""
+    # Z is n×D: D×D = (D×n)(n×D) if D <= n, else n×n = (n×D)(D×n)
     G = Z.T @ Z if Z.shape[1] <= Z.shape[0] else Z @ Z.T
     return _half_logdet_identity_plus(G / (n * eps))
 
@@ -858,7 +861,7 @@ def _rdm_pairs(Z, y):
     N, f = Z.shape
     Zr = Z - Z.mean(axis=1, keepdims=True)
     scale = 1.0 / (f - 1)
-    std = np.sqrt(np.einsum("ij,ij->i", Zr, Zr) * scale)
+    std = np.sqrt(np.einsum("ij,ij->i", Zr, Zr) * scale)  # N: per-row Σ of squares; Zr is N×f
     if not (std > 0).all():
         raise ValueError("parc: a sample has zero variance across the reduced features")
     v = np.empty(N * (N - 1) // 2)
@@ -985,11 +988,11 @@ def _power_lambda_max(A, iterations=3):
     """λ_max(A) as SFDA's ``utils.iterative_A``: start at A·1, each iteration two products."""
     x = A.sum(axis=1)
     for _ in range(iterations):
-        t = A @ x
+        t = A @ x  # D = (D×D)(D)
         v = t / np.linalg.norm(t)
-        t = A @ v
+        t = A @ v  # D = (D×D)(D)
         x = t / np.linalg.norm(t)
-    return float(x @ A @ v)
+    return float(x @ A @ v)  # scalar = (D)(D×D)(D)
 
 
 def _shrunk(S, lam):
@@ -1012,12 +1015,12 @@ class _LDA:
             raise ValueError("features have no within-class variance")
         with _one_blas_thread():
             self.W = np.linalg.solve(Sigma, st.Mc.T)             # D×C
-        self.b = -0.5 * np.einsum("cd,dc->c", st.Mc, self.W) + np.log(st.priors)
+        self.b = -0.5 * np.einsum("cd,dc->c", st.Mc, self.W) + np.log(st.priors)  # C: diagonal of (C×D)(D×C)
         self.center = st.center
 
     def proba(self, xb):
         """p(y|x) for a centred float64 block (N_b×D) -> N_b×C."""
-        return _softmax(xb @ self.W + self.b)
+        return _softmax(xb @ self.W + self.b)  # N_b×C = (N_b×D)(D×C)
 
 
 def _true_class_proba(X, y, lda, transform=None):
@@ -1152,11 +1155,11 @@ def _nearest_mean_score(X, y, C):
     """
     counts = np.bincount(y, minlength=C).astype(np.float64)
     M = _class_sums(X, y, C) / counts[:, None]
-    b = -0.5 * np.einsum("cd,cd->c", M, M) + np.log(counts / len(y))
+    b = -0.5 * np.einsum("cd,cd->c", M, M) + np.log(counts / len(y))  # C: per-row ‖μ_c‖² of C×D M
     proba = np.empty(len(y))
 
     def work(acc, s, e, xb):
-        proba[s:e] = _softmax(xb @ M.T + b)[np.arange(e - s), y[s:e]]
+        proba[s:e] = _softmax(xb @ M.T + b)[np.arange(e - s), y[s:e]]  # N_b×C = (N_b×D)(D×C)
 
     _map_blocks(X, None, work)
     return float(proba.sum() / len(y))
@@ -1199,7 +1202,7 @@ def _mean_std(X):
     mean = X.mean(axis=0, dtype=np.float64)
 
     def work(acc, s, e, xb):
-        acc["sq"] = acc.get("sq", 0.0) + np.einsum("ij,ij->j", xb, xb)
+        acc["sq"] = acc.get("sq", 0.0) + np.einsum("ij,ij->j", xb, xb)  # D: per-dim Σ of squares, N_b×D xb
 
     sq = sum(a.get("sq", 0.0) for a in _map_blocks(X, mean, work))
     return mean, np.sqrt(sq / X.shape[0])
@@ -1214,10 +1217,10 @@ def _ped_step(M, R, nsigma, time_step, constant):
     Delta = np.zeros_like(M)
     for a in range(len(M)):
         diff = M[a] - M                                       # C×D, rows μ_a − μ_b
-        d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        d = np.sqrt(np.einsum("ij,ij->i", diff, diff))        # C: per-row Σ of squares, d_b = ‖μ_a − μ_b‖
         overlap = np.maximum(abs(nsigma) * R[a] + abs(nsigma) * R - d, 0.0)
         disp = np.minimum(0.5 * time_step ** 2 * constant * overlap, overlap)
-        Delta[a] = np.divide(disp, d, out=np.zeros_like(d), where=d > 0) @ diff
+        Delta[a] = np.divide(disp, d, out=np.zeros_like(d), where=d > 0) @ diff  # D = (C)(C×D)
     return Delta
 
 
@@ -1278,12 +1281,12 @@ def _lda_eigen(Z, y, C, shrinkage):
     st = _Scatter(Z, y, C)
     Sw, St = _shrunk(st.Sw, shrinkage), _shrunk(st.St, shrinkage)
     lam, Q = _eigh_desc(Sw)
-    root = (Q / np.sqrt(lam)) @ Q.T                           # Sw^(−1/2)
-    _, U = _eigh_desc(_sym(root @ (St - Sw) @ root))
-    V = root @ U                                              # eigh(Sb, Sw): VᵀSwV = I
+    root = (Q / np.sqrt(lam)) @ Q.T                           # Sw^(−1/2), p×p = (p×p)(p×p); Z is N×p
+    _, U = _eigh_desc(_sym(root @ (St - Sw) @ root))          # p×p = (p×p)(p×p)(p×p)
+    V = root @ U                                              # p×p = (p×p)(p×p); eigh(Sb, Sw): VᵀSwV = I
     q = min(C - 1, Z.shape[1])
     Zc = Z - (st.center + st.m)
-    proj = Zc @ V[:, :q]
+    proj = Zc @ V[:, :q]                                      # N×q = (N×p)(p×q)
     lda = _LDA(Sw, st)
     return proj, lda.proba(Z - lda.center)
 
@@ -1295,7 +1298,7 @@ def _lda_svd(Z, y, C, biased, tol=1e-4):
     """
     N = len(y)
     counts = np.bincount(y, minlength=C).astype(np.float64)
-    M = (_onehot(y, C).T @ Z) / counts[:, None]
+    M = (_onehot(y, C).T @ Z) / counts[:, None]               # C×p = (C×N)(N×p); Z is N×p
     priors = counts / N
     Xc = Z - M[y]                                             # within-class centred
     std = Xc.std(axis=0)
@@ -1305,14 +1308,14 @@ def _lda_svd(Z, y, C, biased, tol=1e-4):
                                  full_matrices=False)
     r = int(np.sum(S > tol))
     whiten = (Vt[:r] / std).T / S[:r]                         # p×r, whitens pooled Sw
-    xbar = priors @ M
-    B = (np.sqrt(counts / (C - 1))[:, None] * (M - xbar)) @ whiten
+    xbar = priors @ M                                         # p = (C)(C×p)
+    B = (np.sqrt(counts / (C - 1))[:, None] * (M - xbar)) @ whiten  # C×r = (C×p)(p×r)
     with _one_blas_thread():
         _, S2, Vt2 = np.linalg.svd(B, full_matrices=False)
-    scalings = whiten @ Vt2.T[:, : int(np.sum(S2 > tol * S2[0]))]
-    proj_all = (Z - xbar) @ scalings
+    scalings = whiten @ Vt2.T[:, : int(np.sum(S2 > tol * S2[0]))]  # p×r2 = (p×r)(r×r2)
+    proj_all = (Z - xbar) @ scalings                          # N×r2 = (N×p)(p×r2)
     coef = (M - xbar) @ scalings                              # C×r2
-    logits = proj_all @ coef.T - 0.5 * (coef ** 2).sum(axis=1) + np.log(priors)
+    logits = proj_all @ coef.T - 0.5 * (coef ** 2).sum(axis=1) + np.log(priors)  # N×C = (N×r2)(r2×C)
     return proj_all[:, : min(C - 1, Z.shape[1])], _softmax(logits)
 
 
@@ -1394,10 +1397,10 @@ def _sa_attract(Z, y, C, alpha, sigma):
     R = np.sqrt(var.sum(axis=1))
     Delta = np.zeros_like(M)
     for a in range(C):
-        diff = M[a] - M
-        d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        diff = M[a] - M                                       # C×k, rows μ_a − μ_b; Z is N×k
+        d = np.sqrt(np.einsum("ij,ij->i", diff, diff))        # C: per-row Σ of squares, d_b = ‖μ_a − μ_b‖
         amount = alpha * (d - sigma * (R[a] + R))
-        Delta[a] = np.divide(amount, d, out=np.zeros_like(d), where=d > 0) @ diff
+        Delta[a] = np.divide(amount, d, out=np.zeros_like(d), where=d > 0) @ diff  # k = (C)(C×k)
     return Z + Delta[y]
 
 

@@ -23,13 +23,14 @@ Usage::
     $ python itm.py                                          # the bundled example
 
 Notation used throughout: N samples, D feature width, K classes, B batch size, Z latent width (= K with
-one-hot centres), n the number of deparametric steps; F the features (N×D), X a batch (or chunk) of its
-rows, Θ (B×Z) the batch through f, T its targets, E⁽ⁿ⁾ (B×Z) the evolved embeddings, C = s·ΘΘᵀ.
+one-hot centres), n the number of deparametric steps; F the features (N×D; the paper's E), X a batch (or
+chunk) of its rows (the paper's E_b), Θ (B×Z) the batch through f, T its targets, E⁽ⁿ⁾ (B×Z) the evolved
+embeddings, C = s·ΘΘᵀ.
 
 The file reads top to bottom as the method: Config and Result; f's normalisation, the propagation and
 h's loss, each forward beside its backward; AdamW; the plan (every random choice of a run); train and
-score; itm_score / rank; then the machinery: the numba twins of the hot loops (one fenced section), the
-input files, and the command line.
+score; itm_score / rank; then the machinery: one fenced speed section (the BLAS limiter, the numba twins
+of the hot loops), the input files, and the command line.
 
 The propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T, C = ΘΘᵀ/B, is never computed by n matrix products: with
 G = ΘᵀΘ/B and φ(λ) = ((1 − ηλ)ⁿ − 1)/λ the push-through identity gives (I − ηC)ⁿR = R + Θ φ(G) ΘᵀR / B,
@@ -309,46 +310,7 @@ def _psi_np(lam, n, eta, order):
     return out
 
 
-# -- the small eigendecomposition, on one BLAS thread --------------------------------------------------
-
-_BLAS = {"controllers": {}, "limiters": {}, "depth": 0, "lock": threading.Lock()}
-
-
-@contextlib.contextmanager
-def _one_blas_thread(active=True):
-    """BLAS and LAPACK on one thread inside (all modules of the project share this limiter): small calls
-    (a Z×Z eigh, the B×Z×Z products, the baselines' LAPACK) are many times slower with several OpenBLAS
-    threads on a busy machine, and large products get their cores from threads of their own instead.
-    Process-wide, so nested and concurrent uses (folds or methods on threads) share it: the first to
-    enter sets it, the last to leave restores the thread counts. SciPy ships its own OpenBLAS: once it
-    is loaded, a second controller limits that one too. active=False: no limit."""
-    if ThreadpoolController is None or not active:
-        yield
-        return
-    with _BLAS["lock"]:
-        key = "scipy.linalg" in sys.modules
-        if key not in _BLAS["limiters"]:
-            if key not in _BLAS["controllers"]:           # made on first use: it scans the libraries
-                _BLAS["controllers"][key] = ThreadpoolController()
-            _BLAS["limiters"][key] = _BLAS["controllers"][key].limit(limits=1, user_api="blas")
-        _BLAS["depth"] += 1
-    try:
-        yield
-    finally:
-        with _BLAS["lock"]:
-            _BLAS["depth"] -= 1
-            if _BLAS["depth"] == 0:
-                for limiter in reversed(list(_BLAS["limiters"].values())):
-                    limiter.restore_original_limits()
-                _BLAS["limiters"].clear()
-
-
-def _small_products(B, D, Z):
-    # below ~16M multiply-adds even the two large products gain nothing from more threads, and lose
-    # much when the cores are shared (waking and syncing threads costs more than the work); the B×Z×Z
-    # products always run on one thread, for the same reason.
-    return B * D * Z < 1 << 24
-
+# -- the small eigendecomposition: float64, on one BLAS thread -----------------------------------------
 
 def _eigh(S, eta):
     """Eigendecomposition of the small symmetric matrix in float64, on one BLAS thread."""
@@ -744,7 +706,7 @@ def preprocessing(F, kind, std_floor=None, rows=None):
         sq += float(np.einsum("nd,nd->", X, X))
         X -= x0
         s1 += X.sum(axis=0)
-        s2 += np.einsum("nd,nd->d", X, X)
+        s2 += np.einsum("nd,nd->d", X, X)                    # D: per-dimension Σ of squares
     mean = x0 + s1 / N
     var = np.maximum(s2 / N - (s1 / N) ** 2, 0.0)
     if not np.any(var > (1e-12 * np.max(np.abs(mean))) ** 2):
@@ -782,7 +744,7 @@ class _Prepared:
             X = np.subtract(X, self._c, out=out)
             out = X
         X = np.multiply(X, self._s, out=out)
-        if self.prep.unit_rows:
+        if self.prep.unit_rows:                          # row norms, rows
             X /= np.maximum(np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64)), 1e-300)[:, None] \
                 .astype(self.dtype)
         return X
@@ -856,7 +818,7 @@ def _accumulate_np(X, yc, sums, s1, s2, x0):
     sums[yc[heads]] += np.add.reduceat(X, heads, axis=0, dtype=np.float64)
     Xs = X - x0                                          # chunk×D, float64
     s1 += Xs.sum(axis=0)
-    s2 += np.einsum("nd,nd->d", Xs, Xs)
+    s2 += np.einsum("nd,nd->d", Xs, Xs)                  # D: per-dimension Σ of squares
 
 
 def adaptive_n(F, rows, y, K, cfg, stats=None):
@@ -1156,6 +1118,13 @@ def mean_iou(pred, y, K):
     return 100.0 * float(np.mean(tp[union > 0] / union[union > 0]))
 
 
+def _small_products(B, D, Z):
+    # below ~16M multiply-adds even the two large products gain nothing from more threads, and lose
+    # much when the cores are shared (waking and syncing threads costs more than the work); the B×Z×Z
+    # products always run on one thread, for the same reason.
+    return B * D * Z < 1 << 24
+
+
 def train(plan, callback=None):
     """Algorithm 2 with AdamW on one plan (make_plan); returns (trajectory, losses).
     callback(t, loss, params) if given."""
@@ -1352,11 +1321,44 @@ def _sibling(module, needs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Speed: numba twins of the NumPy references above, only where they measure faster. Each loop
-# computes what its reference does (to rounding); _dispatch picks one at call time (USE_NUMBA). Every
-# twin here is faster at the default shapes (bench/bench_itm.py times runs with and without); a twin of φ
-# alone (a Z-vector) was not, and went. softmax_ce's pays for the small K of most targets; near K = 100
+# Speed: what the method's steps run on, without changing what they compute. The BLAS limiter; then
+# numba twins of the NumPy references above, only where they measure faster. Each loop computes what
+# its reference does (to rounding); _dispatch picks one at call time (USE_NUMBA). Every twin here is
+# faster at the default shapes (bench/bench_itm.py times runs with and without); a twin of φ alone
+# (a Z-vector) was not, and went. softmax_ce's pays for the small K of most targets; near K = 100
 # NumPy's vectorised exp overtakes its scalar one.
+
+_BLAS = {"controllers": {}, "limiters": {}, "depth": 0, "lock": threading.Lock()}
+
+
+@contextlib.contextmanager
+def _one_blas_thread(active=True):
+    """BLAS and LAPACK on one thread inside (all modules of the project share this limiter): small calls
+    (a Z×Z eigh, the B×Z×Z products, the baselines' LAPACK) are many times slower with several OpenBLAS
+    threads on a busy machine, and large products get their cores from threads of their own instead.
+    Process-wide, so nested and concurrent uses (folds or methods on threads) share it: the first to
+    enter sets it, the last to leave restores the thread counts. SciPy ships its own OpenBLAS: once it
+    is loaded, a second controller limits that one too. active=False: no limit."""
+    if ThreadpoolController is None or not active:
+        yield
+        return
+    with _BLAS["lock"]:
+        key = "scipy.linalg" in sys.modules
+        if key not in _BLAS["limiters"]:
+            if key not in _BLAS["controllers"]:           # made on first use: it scans the libraries
+                _BLAS["controllers"][key] = ThreadpoolController()
+            _BLAS["limiters"][key] = _BLAS["controllers"][key].limit(limits=1, user_api="blas")
+        _BLAS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS["lock"]:
+            _BLAS["depth"] -= 1
+            if _BLAS["depth"] == 0:
+                for limiter in reversed(list(_BLAS["limiters"].values())):
+                    limiter.restore_original_limits()
+                _BLAS["limiters"].clear()
+
 
 def _njit(fn, **options):
     # error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops

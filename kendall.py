@@ -345,7 +345,7 @@ def _pearson(x, y):
     # Scale before the norm (as scipy does) so huge values cannot overflow.
     nx = np.abs(xm).max() * np.linalg.norm(xm / np.abs(xm).max())
     ny = np.abs(ym).max() * np.linalg.norm(ym / np.abs(ym).max())
-    r = float(np.clip(np.dot(xm / nx, ym / ny), -1.0, 1.0))
+    r = float(np.clip(np.dot(xm / nx, ym / ny), -1.0, 1.0))  # scalar = (n)·(n)
     return float(round(r)) if x.size == 2 else r
 
 

@@ -5,10 +5,10 @@
 
 Features are synthetic float32 arrays shaped like the paper's targets (CIFAR-100 on ResNet-50: N=50,000,
 D=2048, K=100), class-structured so that training behaves as on real data. The FLOP floor is the same count
-of the only large products ITM must do — E_b @ W_z and E_bᵀ @ dΘ for every training iteration, E_b @ W_z
+of the only large products ITM must do — X @ W_z and Xᵀ @ dA for every training iteration, X @ W_z
 for every scoring batch — timed alone, in the same process. "eigh alone" times the float64
-eigendecompositions SPEC §2 requires (one per training step and per scoring batch), which lie on the
-critical path between those products: floor + eigh is a lower bound for any implementation of the SPEC.
+eigendecompositions DESIGN.md §2 requires (one per training step and per scoring batch), which lie on the
+critical path between those products: floor + eigh is a lower bound for any implementation of DESIGN.md §2.
 The default protocol trains one model per fold (k = Config.folds), so its floor is k × the floor of one
 fold's plan; the script sets the default beside k × floor and beside the paper's single-split protocol
 (preset "paper"). It also times itm.rank over 4 models with jobs=1 and jobs=2 (throughput when ranking a zoo).
@@ -41,12 +41,12 @@ def synthetic(N, D, K, seed=0, y=None):
         y = np.arange(N) % K
         rng.shuffle(y)
     means = (0.35 * rng.standard_normal((K, D))).astype(np.float32)
-    E = rng.standard_normal((N, D), dtype=np.float32)
+    F = rng.standard_normal((N, D), dtype=np.float32)
     for start in range(0, N, 8192):
-        block = E[start:start + 8192]
+        block = F[start:start + 8192]
         block += means[y[start:start + 8192]]
         np.maximum(block, 0, out=block)
-    return E, y
+    return F, y
 
 
 def synthetic_dense(N=2000, h=14, w=14, D=768, K=12, seed=0):
@@ -64,35 +64,35 @@ def synthetic_dense(N=2000, h=14, w=14, D=768, K=12, seed=0):
     return F, maps
 
 
-def flop_floor(E, plan, cfg):
+def flop_floor(F, plan, cfg):
     """The large products of a default run, alone: the same shapes and counts, no other work."""
     rng = np.random.default_rng(1)
     D, Z = plan.params[0].shape
-    W = rng.standard_normal((D, Z)).astype(E.dtype)
-    dA = rng.standard_normal((cfg.batch_size, Z)).astype(E.dtype)
-    buf = np.empty((cfg.batch_size, D), dtype=E.dtype)
+    W = rng.standard_normal((D, Z)).astype(F.dtype)
+    dA = rng.standard_normal((cfg.batch_size, Z)).astype(F.dtype)
+    buf = np.empty((cfg.batch_size, D), dtype=F.dtype)
     start = time.perf_counter()
     for rows in plan.batches:
-        np.take(E, rows, axis=0, out=buf)
-        buf @ W                                       # E_b @ W_z
-        buf.T @ dA                                    # E_bᵀ @ dΘ
+        np.take(F, rows, axis=0, out=buf)
+        buf @ W                                       # X @ W_z (X: a batch of features, the paper's E_b)
+        buf.T @ dA                                    # Xᵀ @ dA
     checkpoints = -(-cfg.iterations // cfg.eval_every)
-    score = E[plan.score_idx]
+    score = F[plan.score_idx]
     for _ in range(checkpoints):
         score @ W                                     # the scoring passes
     return time.perf_counter() - start
 
 
-def folds_floor(E, plans, cfg):
+def folds_floor(F, plans, cfg):
     """k × the floor: flop_floor of every fold's plan (each fold trains as many iterations on (k−1)/k of
     the rows and scores its own 1/k)."""
-    return sum(flop_floor(E, plan, cfg) for plan in plans)
+    return sum(flop_floor(F, plan, cfg) for plan in plans)
 
 
 def spectral_floor(plan, cfg):
-    """The float64 eigendecompositions SPEC §2 requires, alone: one per training step and one per scoring
+    """The float64 eigendecompositions DESIGN.md §2 requires, alone: one per training step and one per scoring
     batch (of the Z×Z Gram when Z ≤ B, else of the B×B kernel), on one BLAS thread as ITM runs them.
-    No schedule takes them off the critical path: a step's eigh needs that step's E_b @ W_z, and the
+    No schedule takes them off the critical path: a step's eigh needs that step's X @ W_z, and the
     next step's products need the update that follows it. So floor + this is a lower bound for ITM."""
     rng = np.random.default_rng(2)
     Z, B = plan.params[0].shape[1], cfg.batch_size
@@ -107,7 +107,7 @@ def spectral_floor(plan, cfg):
         return time.perf_counter() - start
 
 
-def torch_naive_seconds(E, y, cfg, iterations=5):
+def torch_naive_seconds(F, y, cfg, iterations=5):
     """tests/itm_torch_ref.py (the naive n-step loop with autograd) in float32 on all cores: `iterations`
     training steps and one scoring pass, scaled to the full run (cfg.iterations steps, one pass per
     checkpoint)."""
@@ -116,20 +116,20 @@ def torch_naive_seconds(E, y, cfg, iterations=5):
     import itm_torch_ref as ref
     torch.set_num_threads(os.cpu_count())
     ref.DT = torch.float32
-    plan = itm.make_plan(E, y, cfg)
+    plan = itm.make_plan(F, y, cfg)
     params = [ref.t(p).requires_grad_(True) for p in plan.params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = time.perf_counter()
     for rows in plan.batches[:iterations]:
         labels = torch.as_tensor(plan.y[rows])
         opt.zero_grad()
-        logits = ref.logits_of(params, ref.batch_features(E, rows, cfg.normalize), labels,
+        logits = ref.logits_of(params, ref.batch_features(F, rows, cfg.normalize), labels,
                                ref.t(plan.centres), ref.t(plan.q), cfg, plan.n)
         torch.nn.functional.cross_entropy(logits, labels).backward()
         opt.step()
     per_iteration = (time.perf_counter() - start) / iterations
     start = time.perf_counter()
-    ref.accuracy(E, plan, cfg, params)
+    ref.accuracy(F, plan, cfg, params)
     per_pass = time.perf_counter() - start
     checkpoints = -(-cfg.iterations // cfg.eval_every)
     return per_iteration * cfg.iterations + per_pass * checkpoints
@@ -150,7 +150,7 @@ def peak_memory_mb(N, D, K):
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             "import bench_itm as b, itm; "
             "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024; "
-            f"E, y = b.synthetic({N}, {D}, {K}); before = hwm(); itm.itm_score(E, y); "
+            f"F, y = b.synthetic({N}, {D}, {K}); before = hwm(); itm.itm_score(F, y); "
             "print(before, hwm())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.split())
@@ -162,57 +162,57 @@ def peak_memory_mb(N, D, K):
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def data(request):
-    E, y = synthetic(*SHAPES[request.param])
-    itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)   # compile the kernels first
-    return request.param, E, y
+    F, y = synthetic(*SHAPES[request.param])
+    itm.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)   # compile the kernels first
+    return request.param, F, y
 
 
 def test_itm_default(benchmark, data):
-    name, E, y = data
-    result = benchmark.pedantic(itm.itm_score, args=(E, y), rounds=3, iterations=1)
+    name, F, y = data
+    result = benchmark.pedantic(itm.itm_score, args=(F, y), rounds=3, iterations=1)
     benchmark.extra_info.update(shape=name, score=result.score, n=result.n)
 
 
 def test_flop_floor(benchmark, data):
-    name, E, y = data
+    name, F, y = data
     cfg = itm.Config()
-    plan = itm.make_plan(E, y, cfg)
-    benchmark.pedantic(flop_floor, args=(E, plan, cfg), rounds=3, iterations=1)
+    plan = itm.make_plan(F, y, cfg)
+    benchmark.pedantic(flop_floor, args=(F, plan, cfg), rounds=3, iterations=1)
     benchmark.extra_info.update(shape=name)
 
 
 def test_itm_paper_protocol(benchmark, data):
-    name, E, y = data
-    result = benchmark.pedantic(itm.itm_score, args=(E, y, itm.preset("paper")), rounds=3, iterations=1)
+    name, F, y = data
+    result = benchmark.pedantic(itm.itm_score, args=(F, y, itm.preset("paper")), rounds=3, iterations=1)
     benchmark.extra_info.update(shape=name, score=result.score, n=result.n)
 
 
 def test_folds_floor(benchmark, data):
-    name, E, y = data
+    name, F, y = data
     cfg = itm.Config()
-    plans = [itm.make_plan(E, y, cfg, fold=f) for f in range(cfg.folds)]
-    benchmark.pedantic(folds_floor, args=(E, plans, cfg), rounds=3, iterations=1)
+    plans = [itm.make_plan(F, y, cfg, fold=f) for f in range(cfg.folds)]
+    benchmark.pedantic(folds_floor, args=(F, plans, cfg), rounds=3, iterations=1)
     benchmark.extra_info.update(shape=name)
 
 
 def test_spectral_floor(benchmark, data):
-    name, E, y = data
+    name, F, y = data
     cfg = itm.Config()
-    benchmark.pedantic(spectral_floor, args=(itm.make_plan(E, y, cfg), cfg), rounds=3, iterations=1)
+    benchmark.pedantic(spectral_floor, args=(itm.make_plan(F, y, cfg), cfg), rounds=3, iterations=1)
     benchmark.extra_info.update(shape=name)
 
 
 def test_itm_numpy_only(benchmark, data, monkeypatch):
-    name, E, y = data
+    name, F, y = data
     monkeypatch.setattr(itm, "USE_NUMBA", False)
-    benchmark.pedantic(itm.itm_score, args=(E, y), rounds=1, iterations=1)
+    benchmark.pedantic(itm.itm_score, args=(F, y), rounds=1, iterations=1)
     benchmark.extra_info.update(shape=name)
 
 
 def test_torch_naive_scaled(benchmark, data):
     pytest.importorskip("torch", reason="the naive reference needs torch (extra 'test')")
-    name, E, y = data
-    seconds = benchmark.pedantic(torch_naive_seconds, args=(E, y, itm.Config()), rounds=1, iterations=1)
+    name, F, y = data
+    seconds = benchmark.pedantic(torch_naive_seconds, args=(F, y, itm.Config()), rounds=1, iterations=1)
     benchmark.extra_info.update(shape=name, scaled_full_run_seconds=seconds)
 
 
@@ -239,8 +239,8 @@ def flattened(F, maps):
 
 def test_dense_equivalent_classification(benchmark, dense):
     """The same labelled positions as a classification run: same samples, iterations, D and K."""
-    E, y = flattened(*dense)
-    benchmark.pedantic(itm.itm_score, args=(E, y), rounds=1, iterations=1)
+    F, y = flattened(*dense)
+    benchmark.pedantic(itm.itm_score, args=(F, y), rounds=1, iterations=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,20 +258,20 @@ def median_seconds(rounds, fn, *args):
 def shape_row(N, D, K, rounds, with_torch):
     """One row of the README table: the default (k folds) beside k × its floors, the paper protocol
     (one split) beside its floor, the NumPy-only default, the naive torch run of the paper protocol."""
-    E, y = synthetic(N, D, K)
-    itm.itm_score(E[:4096], y[:4096], iterations=2, eval_every=1)
+    F, y = synthetic(N, D, K)
+    itm.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)
     cfg, paper = itm.Config(), itm.preset("paper")
-    plans = [itm.make_plan(E, y, cfg, fold=f) for f in range(cfg.folds)]
-    ours = median_seconds(rounds, itm.itm_score, E, y, cfg)
-    floor = float(np.median([folds_floor(E, plans, cfg) for _ in range(rounds)]))
+    plans = [itm.make_plan(F, y, cfg, fold=f) for f in range(cfg.folds)]
+    ours = median_seconds(rounds, itm.itm_score, F, y, cfg)
+    floor = float(np.median([folds_floor(F, plans, cfg) for _ in range(rounds)]))
     eigh = float(np.median([sum(spectral_floor(p, cfg) for p in plans) for _ in range(rounds)]))
-    ours_paper = median_seconds(rounds, itm.itm_score, E, y, paper)
-    paper_plan = itm.make_plan(E, y, paper)
-    floor_paper = float(np.median([flop_floor(E, paper_plan, paper) for _ in range(rounds)]))
+    ours_paper = median_seconds(rounds, itm.itm_score, F, y, paper)
+    paper_plan = itm.make_plan(F, y, paper)
+    floor_paper = float(np.median([flop_floor(F, paper_plan, paper) for _ in range(rounds)]))
     itm.USE_NUMBA = False
-    numpy_only = median_seconds(1, itm.itm_score, E, y, cfg)
+    numpy_only = median_seconds(1, itm.itm_score, F, y, cfg)
     itm.USE_NUMBA = itm.HAVE_NUMBA
-    naive = torch_naive_seconds(E, y, paper) if with_torch else float("nan")
+    naive = torch_naive_seconds(F, y, paper) if with_torch else float("nan")
     return (f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {floor + eigh:.2f} | "
             f"{ours / (floor + eigh):.2f} | {ours_paper:.2f} | {floor_paper:.2f} | {ours_paper / floor_paper:.2f} | "
             f"{ours / ours_paper:.2f} | {numpy_only:.2f} | {naive:.1f} | {naive / ours_paper:.1f}× |")
@@ -294,12 +294,12 @@ def main(argv=None):
     F, maps = synthetic_dense()
     itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
     dense_s = median_seconds(1, itm.itm_score, F, maps)
-    E, labels = flattened(F, maps)
-    cls_s = median_seconds(1, itm.itm_score, E, labels)
+    rows, labels = flattened(F, maps)
+    cls_s = median_seconds(1, itm.itm_score, rows, labels)
     print(f"\nsegmentation, 2,000 images × 14×14 × D=768, K=12 (float16): {dense_s:.2f} s; the same "
           f"labelled positions as a classification run, same iterations: {cls_s:.2f} s "
           f"(ratio {dense_s / cls_s:.2f})")
-    del F, E
+    del F, rows
     N, D, K = SHAPES["cifar100_r50"]
     one, two = (rank_seconds_per_model(N, D, K, 4, jobs) for jobs in (1, 2))
     print(f"\nranking 4 models of the CIFAR-100 shape: {one:.2f} s per model with jobs=1, {two:.2f} s per "

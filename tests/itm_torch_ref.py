@@ -90,7 +90,7 @@ def loss_and_grads(E, plan, cfg, params, rows):
 @torch.no_grad()
 def accuracy(E, plan, cfg, params):
     """Top-1 accuracy (percent) on the scoring part in consecutive batches of B, each batch with its own
-    labels' centres (SPEC §1 step 6)."""
+    labels' centres (DESIGN.md §1 step 6)."""
     rows_all, B, correct = plan.score_idx, cfg.batch_size, 0
     centres, q = t(plan.centres), t(plan.q)
     for start in range(0, rows_all.size, B):

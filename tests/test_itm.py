@@ -1,7 +1,7 @@
 """Tests for itm.py: each computation written twice — ours vs an independent oracle — asserted equal.
 
 Oracles: tests/itm_torch_ref.py (the naive n-step propagation, Algorithm 1 and Algorithm 2 in torch with
-autograd and torch.optim.AdamW), 1100-digit decimal arithmetic for φ and Ψ, the SPEC's definitions
+autograd and torch.optim.AdamW), 1100-digit decimal arithmetic for φ and Ψ, DESIGN.md's definitions
 recomputed directly for the plan, and scipy.stats.weightedtau for τ_w. The random choices of a run
 (split, centres, initial weights, batch order) come from itm.make_plan so both sides solve the same
 problem. Sizes are small; seeds are fixed.
@@ -201,8 +201,8 @@ def test_phi_psi_exact_tiny_gaps(order, backend):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The plan (SPEC §1 steps 1–5: split, adaptive n, centres, initialisation, batch order), recomputed from
-# the SPEC's definitions.
+# The plan (DESIGN.md §1 steps 1–5: split, adaptive n, centres, initialisation, batch order), recomputed from
+# DESIGN.md's definitions.
 
 def uneven_data(seed=0, sep=1.0, dtype=np.float64):
     """Classes of 2, 3, 7, 40 and 108 samples (a class of 2 must land in both parts), D = 16 with one

@@ -1,4 +1,4 @@
-"""ITM on dense input (semantic segmentation, SPEC §5): every labelled position is a sample, the split is by
+"""ITM on dense input (semantic segmentation, DESIGN.md §5): every labelled position is a sample, the split is by
 image, the score is pixel accuracy (or mean IoU) over the scoring images' labelled positions."""
 import dataclasses
 
