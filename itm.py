@@ -1520,7 +1520,7 @@ distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop, fastmath={"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files: the bundled example, the input layouts, the ground truth, atomic writes.
+# Files: the bundled example, the input layouts, atomic writes (ground-truth files: kendall.load_truth).
 
 EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
 
@@ -1894,23 +1894,7 @@ def _main(argv):
     cfg = _cli_config(args)
     _check_args(args)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if args.features is None:
-        feature_sets, labels, truth, source = bundled_example()
-        dataset = "flowers17_8models" if "Flowers-17" in source else "synthetic"
-        log(f"itm: no --features given; running the {source}")
-        try:
-            _sibling("kendall", "τ_w")
-        except ValueError:                               # itm.py copied alone: the table without τ_w
-            truth = None
-            log("itm: τ_w against the fine-tuned accuracies needs kendall.py beside itm.py; not shown")
-    else:
-        models = args.models.split(",") if args.models else None
-        feature_sets, labels = load_features(args.features, args.labels, models)
-        dataset = dataset_name(args.features)
-        truth = _sibling("kendall", "--truth").load_truth(args.truth, args.target, dataset) if args.truth \
-            else None
-    if np.ndim(labels) == 1:
-        encode_labels(labels)                            # bad labels fail once, before any model runs
+    feature_sets, labels, truth, dataset = _inputs(args, log)
     note = _compile_note()
     if note:
         log(note)
@@ -1935,6 +1919,28 @@ def _main(argv):
                   "its features carry little class information here", file=sys.stderr)
     _report(ranking, truth, args, dataset, cfg)
     return 0
+
+
+def _inputs(args, log):
+    """(features by model, labels, truth or None, dataset name) of the command line, labels checked."""
+    if args.features is None:
+        feature_sets, labels, truth, source = bundled_example()
+        dataset = "flowers17_8models" if "Flowers-17" in source else "synthetic"
+        log(f"itm: no --features given; running the {source}")
+        try:
+            _sibling("kendall", "τ_w")
+        except ValueError:                               # itm.py copied alone: the table without τ_w
+            truth = None
+            log("itm: τ_w against the fine-tuned accuracies needs kendall.py beside itm.py; not shown")
+    else:
+        models = args.models.split(",") if args.models else None
+        feature_sets, labels = load_features(args.features, args.labels, models)
+        dataset = dataset_name(args.features)
+        truth = _sibling("kendall", "--truth").load_truth(args.truth, args.target, dataset) if args.truth \
+            else None
+    if np.ndim(labels) == 1:
+        encode_labels(labels)                            # bad labels fail once, before any model runs
+    return feature_sets, labels, truth, dataset
 
 
 if __name__ == "__main__":
