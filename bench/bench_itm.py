@@ -216,6 +216,24 @@ def test_torch_naive_scaled(benchmark, data):
     benchmark.extra_info.update(shape=name, scaled_full_run_seconds=seconds)
 
 
+@pytest.mark.parametrize("K", [17, 100])
+@pytest.mark.parametrize("twin", ["softmax_ce", "theta_and_targets"])
+@pytest.mark.parametrize("path", ["numpy", "numba"])
+def test_twin(benchmark, monkeypatch, path, twin, K):
+    """One call of a dispatched element-wise step at a batch of B = 256, with and without its numba twin:
+    the speed section keeps a twin only where it measures faster (K = 17 is flowers17's, 100 CIFAR-100's)."""
+    if path == "numba" and not itm.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(itm, "USE_NUMBA", path == "numba")
+    rng = np.random.default_rng(0)
+    A, y = rng.standard_normal((256, K)).astype(np.float32), rng.integers(0, K, 256)
+    args = (A, y) if twin == "softmax_ce" else (A, np.eye(K), y, True)
+    fn = getattr(itm, twin)
+    fn(*args)                                                      # compile first
+    benchmark.pedantic(fn, args=args, rounds=20, iterations=200)
+    benchmark.extra_info.update(twin=twin, K=K, path=path)
+
+
 @pytest.fixture(scope="module")
 def dense():
     F, maps = synthetic_dense()
