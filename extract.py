@@ -643,7 +643,7 @@ def _torchvision_dataset(name: str, root: Path, split: str, download: bool):
 
 
 def _dataset_error(name: str, root, exc: Exception) -> ExtractError:
-    """torchvision's first line, with its advice to use `download=True` in the CLI's words."""
+    """torchvision's message as one line, with its advice to use `download=True` in the CLI's words."""
     return ExtractError(f"{name} under {root}: {itm.one_line(exc).replace('download=True', '--download')}")
 
 
@@ -1183,7 +1183,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="data-loading processes (≥ 0; 0: in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--limit", type=int, help="random subset of N >= 1 images (seed 0), for a quick look")
+    p.add_argument("--limit", type=int, help="random subset of N ≥ 1 images (seed 0), for a quick look")
     p.add_argument("--pool", choices=["cls", "mean"], help="ViT pooling (default: the model's own)")
     p.add_argument("--checkpoint", help="local weights file (with --arch)")
     p.add_argument("--arch", help="architecture of --checkpoint: a torchvision name or an SSL ViT name")

@@ -546,7 +546,7 @@ def encode_labels(labels, N=None, min_count=2, min_classes=2, what="features"):
     """Map labels (ints, integral floats, bools or strings; 1-D or an N×1 column) to 0..K−1; returns
     (y, classes) with classes[y] == labels. N: the rows of `what` they label. Every module's labels pass
     here: ITM needs min_classes=2 and min_count=2 samples a class (one to train, one to score); the
-    baselines take min_count=1."""
+    baselines take min_count=1. Both are 1 or 2: the errors name what fails at 2."""
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
@@ -574,12 +574,12 @@ def encode_labels(labels, N=None, min_count=2, min_classes=2, what="features"):
                          "strings") from None
     if classes.size < min_classes:
         raise ValueError(f"labels contain a single class ({classes[0]!r}); ranking needs at least 2 classes")
-    counts = np.bincount(y.reshape(-1))
+    counts = np.bincount(y)
     if counts.min() < min_count:
         lonely = [str(classes[k]) for k in np.flatnonzero(counts < min_count)[:5]]
         raise ValueError(f"class(es) {', '.join(lonely)} have a single sample; every class needs ≥ 2 "
                          "(one to train, one to score)")
-    return y.reshape(-1).astype(np.int64), classes
+    return y.astype(np.int64), classes
 
 
 IGNORE = 255  # label-map value of unlabelled pixels

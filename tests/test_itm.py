@@ -201,8 +201,8 @@ def test_phi_psi_exact_tiny_gaps(order, backend):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The plan (DESIGN.md §1 steps 1–5: split, adaptive n, centres, initialisation, batch order), recomputed from
-# DESIGN.md's definitions.
+# The plan (DESIGN.md §1 steps 1–5: split, adaptive n, centres, initialisation, batch order),
+# recomputed from DESIGN.md's definitions.
 
 def uneven_data(seed=0, sep=1.0, dtype=np.float64):
     """Classes of 2, 3, 7, 40 and 108 samples (a class of 2 must land in both parts), D = 16 with one
