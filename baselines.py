@@ -1457,6 +1457,119 @@ def sa(features, labels, **options):
 
 # ============================================================================== pools
 
+# ============================================================================== probes
+
+# What a plain classifier on the frozen features reaches: the question every TE method must answer
+# ("does it add anything beyond a probe?"). Each probe scores the held-out accuracy (a fraction) of
+# k stratified folds (itm.crossfit_folds, seeded), every fold standardised per dimension with its
+# training rows' mean and std (a constant dimension contributes 0), as ITM's default preprocessing
+# does. Above ``max_samples`` rows a seeded class-stratified subsample is scored (as for PARC).
+
+_RIDGE_GRID = 10.0 ** np.arange(-4.0, 4.5, 0.5)   # α / (mean non-zero eigenvalue of XᵀX): scale-free
+
+
+def _probe_folds(features, labels, folds, seed, max_samples):
+    """(X, y, C, [(train rows, held-out rows)]) of a probe: checked input, the folds."""
+    X, y, C = _check_inputs(features, labels)
+    if int(folds) < 2:
+        raise ValueError(f"folds must be ≥ 2, got {folds}")
+    if max_samples is not None and len(y) > max_samples:
+        idx = _stratified_subsample(y, C, int(max_samples), seed)
+        X, y = X[idx], y[idx]
+    fold_of = itm.crossfit_folds(y, int(folds), np.random.default_rng(seed))
+    return X, y, C, [(np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)) for k in range(int(folds))]
+
+
+def _standardised(X, train, held):
+    """Training and held-out rows (float64), standardised with the training rows' statistics."""
+    Xtr, Xte = X[train].astype(np.float64), X[held].astype(np.float64)
+    mean, std = Xtr.mean(axis=0), Xtr.std(axis=0)
+    scale = np.where(std > 1e-12 * max(float(std.max()), 1e-300), 1.0 / np.where(std > 0, std, 1.0), 0.0)
+    return (Xtr - mean) * scale, (Xte - mean) * scale
+
+
+def _probe_accuracy(features, labels, folds, seed, max_samples, predict):
+    """Mean over the folds of the held-out accuracy of predict(X_train, y_train, X_held, C)."""
+    X, y, C, splits = _probe_folds(features, labels, folds, seed, max_samples)
+    accs = []
+    with _one_blas_thread():
+        for train, held in splits:
+            Xtr, Xte = _standardised(X, train, held)
+            accs.append(float(np.mean(predict(Xtr, y[train], Xte, C) == y[held])))
+    return float(np.mean(accs))
+
+
+def _ridge_predict(Xtr, ytr, Xte, C):
+    """Ridge regression of the centred one-hot labels, α chosen on the training rows by exact
+    leave-one-out squared error over _RIDGE_GRID; the held-out rows' argmax."""
+    N, D = Xtr.shape
+    Y = _onehot(ytr, C)
+    Y -= Y.mean(axis=0)
+    small = N <= D                                     # eigendecompose the smaller Gram matrix
+    lam, V = np.linalg.eigh(Xtr @ Xtr.T if small else Xtr.T @ Xtr)   # N×N or D×D
+    keep = lam > 1e-10 * lam[-1]
+    lam, V = lam[keep], V[:, keep]
+    # P = X·W with W the right singular vectors (XᵀX = W diag(λ) Wᵀ): P = U√λ in the N×N case
+    P = V * np.sqrt(lam) if small else Xtr @ V          # N×r
+    Pte = Xte @ (Xtr.T @ (V / np.sqrt(lam))) if small else Xte @ V   # held×r
+    PY, P2 = P.T @ Y, P * P                            # r×C, N×r
+    best = None
+    for a in _RIDGE_GRID * lam.mean():
+        w = 1.0 / (lam + a)                            # (λ + α)⁻¹ on the r directions
+        hat = P2 @ w                                   # leverages h_i = Σ_j P_ij² / (λ_j + α)
+        loo = (Y - P @ (w[:, None] * PY)) / (1.0 - hat)[:, None]   # N×C leave-one-out residuals
+        err = float(np.sum(loo * loo))
+        if best is None or err < best[0]:
+            best = (err, w)
+    return np.argmax(Pte @ (best[1][:, None] * PY), axis=1)
+
+
+def probe_ridge(features, labels, *, folds=5, seed=0, max_samples=20000):
+    """k-fold linear probe: ridge regression of one-hot labels on standardised features (closed
+    form, α by exact leave-one-out error on each training part), held-out top-1 accuracy."""
+    return _probe_accuracy(features, labels, folds, seed, max_samples, _ridge_predict)
+
+
+def _ncm_predict(Xtr, ytr, Xte, C):
+    """The nearest class mean (Euclidean) of each held-out row."""
+    counts = np.bincount(ytr, minlength=C)
+    M = (_onehot(ytr, C).T @ Xtr) / np.maximum(counts, 1)[:, None]        # C×D = (C×N)(N×D)
+    d = np.einsum("cd,cd->c", M, M)[None, :] - 2.0 * Xte @ M.T           # held×C, ‖x‖² dropped
+    d[:, counts == 0] = np.inf
+    return np.argmin(d, axis=1)
+
+
+def probe_ncm(features, labels, *, folds=5, seed=0, max_samples=20000):
+    """k-fold nearest-class-mean accuracy on standardised features."""
+    return _probe_accuracy(features, labels, folds, seed, max_samples, _ncm_predict)
+
+
+_KNN_K, _KNN_T = 20, 0.07      # the k-NN evaluation of self-supervised features (DINO, Caron et al. 2021)
+
+
+def _knn_predict(Xtr, ytr, Xte, C, k=_KNN_K, temperature=_KNN_T):
+    """Weighted k-NN on cosine similarity: each of the k most similar training rows votes
+    exp(similarity / T) for its class."""
+    def unit(A):
+        return A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-300)
+    Ttr, k = unit(Xtr), min(k, len(ytr))
+    pred = np.empty(len(Xte), dtype=np.int64)
+    for s, e in _row_blocks(len(Xte), len(ytr)):
+        sim = unit(Xte[s:e]) @ Ttr.T                    # b×N = (b×D)(D×N)
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        w = np.exp(np.take_along_axis(sim, top, axis=1) / temperature)
+        votes = np.zeros((e - s, C))
+        np.add.at(votes, (np.arange(e - s)[:, None], ytr[top]), w)
+        pred[s:e] = np.argmax(votes, axis=1)
+    return pred
+
+
+def probe_knn(features, labels, *, folds=5, seed=0, max_samples=20000):
+    """k-fold weighted k-NN accuracy (k = 20, cosine similarity, exp(sim/0.07) votes) on standardised
+    features."""
+    return _probe_accuracy(features, labels, folds, seed, max_samples, _knn_predict)
+
+
 def _minmax(v):
     """(v − min)/(max − min) over the pool; all zeros when every model ties."""
     v = np.asarray(v, dtype=np.float64)
@@ -1499,6 +1612,7 @@ METHODS = {
     "leep": leep, "nce": nce, "hscore": hscore, "reg_hscore": reg_hscore,
     "transrate": transrate, "transrate_published": transrate_published, "nleep": nleep,
     "parc": parc, "gbc": gbc, "sfda": sfda, "etran": etran, "ped": ped, "ncti": ncti, "sa": sa,
+    "probe_ridge": probe_ridge, "probe_ncm": probe_ncm, "probe_knn": probe_knn,
 }
 POOL_METHODS = {"etran": etran_parts, "ncti": ncti_parts, "sa": sa_parts}
 TABLE1 = ("logme", "nleep", "parc", "sfda", "etran", "ped", "sa")    # the ITM paper's Table 1
@@ -1522,6 +1636,9 @@ DISPLAY_NAMES = {
     "ped": "PED (SFDA base, published command-line defaults)",
     "ncti": "NCTI (exact PCA-64, pool min-max)",
     "sa": "SA (LDA base, Spread discarded as shipped)",
+    "probe_ridge": "Probe: ridge on standardised features (5-fold, α by leave-one-out)",
+    "probe_ncm": "Probe: nearest class mean (5-fold, standardised)",
+    "probe_knn": "Probe: k-NN (k = 20, cosine, 5-fold, standardised)",
 }
 
 

@@ -116,7 +116,8 @@ class Config:
     beta2: float = field(default=0.999, metadata={"help": "AdamW β2"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW ε"})
     eval_every: int = field(default=100, metadata={"help": "score every this many iterations"})
-    n: int | None = field(default=None, metadata={"help": "deparametric steps n (adaptive if unset)"})
+    n: int | None = field(default=None, metadata={
+        "help": "deparametric steps n (adaptive if unset; 0: no propagation, E = Θ)"})
     n_b: int = field(default=20, metadata={"help": "adaptive n: anchor n_b (Eq. 9)"})
     eta0: float = field(default=0.01, metadata={"help": "adaptive n: η0 (Eq. 9)"})
     dis_b: float = field(default=1.0, metadata={"help": "adaptive n: anchor distance dis_b (Eq. 9)"})
@@ -126,7 +127,12 @@ class Config:
     shift: bool = field(default=True, metadata={"help": "shift centres by the features' μ, σ"})
     normalize: str = field(default="theta", metadata={
         "help": "unit-norm rows of Θ (DESIGN.md §1a)", "choices": ("theta", "features", "none")})
-    c_scale: str = field(default="B", metadata={"help": "C = ΘΘᵀ/B or /B²", "choices": ("B", "B2")})
+    c_scale: str = field(default="B", metadata={
+        "help": "C = ΘΘᵀ/B (Eq. 4–5), ΘΘᵀ/B² (Eq. 3) or Z·ΘΘᵀ/B (A.7: η0 per step along each class direction)",
+        "choices": ("B", "B2", "B/Z")})
+    score_by: str = field(default="head", metadata={
+        "help": "score the evolved embeddings by h's logits, or by their nearest pseudo-cluster centre",
+        "choices": ("head", "centres")})
     mode: str = field(default="closed", metadata={
         "help": "closed-form propagation or Algorithm 1's explicit loop", "choices": ("closed", "explicit")})
     pc_loss: str = field(default="mse", metadata={
@@ -166,8 +172,8 @@ class Config:
             raise ValueError("Config: weight_decay must be ≥ 0 and beta1, beta2 in [0, 1)")
         if self.batch_size < 2:
             raise ValueError("Config.batch_size must be ≥ 2")
-        if self.n is not None and int(self.n) < 1:
-            raise ValueError(f"Config.n must be ≥ 1 (or None for adaptive), got {self.n}")
+        if self.n is not None and int(self.n) < 0:
+            raise ValueError(f"Config.n must be ≥ 0 (or None for adaptive), got {self.n}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -327,7 +333,7 @@ def _eigh(S, eta):
 
 def propagate_logits(theta, T, n, eta, scale, Wh, bh, want_grad=False):
     """The closed-form propagation and h: logits = E⁽ⁿ⁾W_h + b_h (B×K); with want_grad also
-    dlogits → (dΘ, dW_h). scale is the s of C = s·ΘΘᵀ (1/B, or 1/B² for c_scale="B2"). Z ≤ B goes through
+    dlogits → (dΘ, dW_h). scale is the s of C = s·ΘΘᵀ (1/B; 1/B² or Z/B by c_scale). Z ≤ B goes through
     G = s·ΘᵀΘ (Z×Z) and φ, and never forms E⁽ⁿ⁾ = ΘM: logits = Θ(M·W_h), three B×Z×Z products fewer
     per step. Z > B goes through C (B×B) and f directly. Both are exact; they differ only in which
     matrix is smaller."""
@@ -391,6 +397,10 @@ def _propagate_kernel(theta, T, n, eta, s, want_grad):
             dC = U @ ((U.T @ dCn @ U) * psi(mu, n, eta, 1)) @ U.T   # Daleckii–Krein, B×B
         return Cn.astype(dt) @ dE + (s * (dC + dC.T)).astype(dt) @ theta   # B×Z = (B×B)(B×Z)
     return E, backward
+
+
+def _identity(dE):
+    return dE
 
 
 def _with_head(E, back, Wh, bh):
@@ -1039,6 +1049,13 @@ def make_plan(features, labels, config=None, fold=0, **overrides):
 # ----------------------------------------------------------------------------------------------------
 # Train and score: Algorithm 2 on one plan, every fold of one model.
 
+def c_scale_factor(c_scale, B, Z):
+    """The s of C = s·ΘΘᵀ for a batch of B rows: 1/B (Eq. 4–5), 1/B² (Eq. 3), or Z/B, which puts the
+    mean non-zero eigenvalue of C at 1 for unit rows spread over Z directions, so that each class
+    direction contracts by about 1 − η per step as A.7's derivation (B = 1) assumes (DESIGN.md §1d)."""
+    return {"B": 1.0, "B2": 1.0 / B, "B/Z": float(Z)}[c_scale] / B
+
+
 class _Model:
     """f (D→Z), the propagation, h (Z→K): forward, loss and gradients for one batch."""
 
@@ -1059,8 +1076,10 @@ class _Model:
         A = X @ Wz + bz                                            # B×Z = (B×D)(D×Z), the big product
         with _one_blas_thread():                                   # the rest is small: see _small_products
             theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
-            scale = 1.0 / X.shape[0] if cfg.c_scale == "B" else 1.0 / X.shape[0] ** 2
-            if cfg.reading == "authors":
+            scale = c_scale_factor(cfg.c_scale, *A.shape)
+            if plan.n == 0:                                        # (I − ηC)⁰ = I: E = Θ, the
+                logits, back = _with_head(theta, _identity if want_grad else None, Wh, bh)  # propagation off
+            elif cfg.reading == "authors":
                 logits, back = _with_head(*propagate_detached(theta, T, plan.n, cfg.eta, scale, want_grad),
                                           Wh, bh)
             elif cfg.mode == "closed":
@@ -1089,15 +1108,24 @@ class _Model:
 
     def predict(self, params):
         """argmax of the evolved logits over the scoring part, cut into consecutive batches of B, each
-        evolved towards its own labels' centres (DESIGN.md §1 step 6)."""
+        evolved towards its own labels' centres (DESIGN.md §1 step 6); with score_by="centres" the
+        nearest pseudo-cluster centre of each evolved embedding instead (h with W_h = I, b_h = 0 is
+        E⁽ⁿ⁾ itself)."""
         rows_all, B = self.plan.score_idx, self.cfg.batch_size
+        by_centres = self.cfg.score_by == "centres"
+        if by_centres:
+            centres = self.plan.centres                                    # K×Z
+            params = [*params[:2], np.eye(centres.shape[1], dtype=self.dtype),
+                      np.zeros(centres.shape[1], dtype=self.dtype)]
         pred = np.empty(rows_all.size, dtype=np.int64)
         for start in range(0, rows_all.size, B):
             rows = rows_all[start:start + B]
-            logits = self.evolve(params, self.batch(rows), self.plan.y[rows], False)[0]
-            if not np.all(np.isfinite(logits)):
+            out = self.evolve(params, self.batch(rows), self.plan.y[rows], False)[0]
+            if not np.all(np.isfinite(out)):
                 raise Diverged("non-finite logits while scoring")
-            pred[start:start + B] = np.argmax(logits, axis=1)
+            if by_centres:    # argmin_k ‖E_i − Ê_k‖² = argmin_k ‖Ê_k‖² − 2 E_i·Ê_k; B×K = (B×Z)(Z×K)
+                out = 2.0 * (out @ centres.T) - np.einsum("kz,kz->k", centres, centres)
+            pred[start:start + B] = np.argmax(out, axis=1)
         return pred
 
     def accuracy(self, params):

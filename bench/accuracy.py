@@ -97,9 +97,14 @@ PRIORS = {"prior_params": "Prior: parameter count (larger first)",
           "prior_dim": "Prior: feature dimension D (larger first)",
           "prior_loo": "Prior: mean fine-tuned rank on the other targets (leave one target out)"}
 PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")  # if itm.Config lists no choices
-ABLATION_FOLDS = (1, 3, 5, 10)
+ABLATION_FOLDS = (1, 2, 3, 4, 5, 10)
 ABLATION_SEEDS = 5
-READING_FIELDS = ("normalize", "c_scale", "shift", "centers")        # DESIGN.md §1a
+READING_FIELDS = ("normalize", "c_scale", "shift", "centers", "score_by")   # DESIGN.md §1a
+# DESIGN.md §1d: a reading in which the evolution matters, and the propagation switched off (a reference
+# row: the same training with E⁽ⁿ⁾ = Θ, not ITM, never a candidate of the rule of DESIGN.md §1c)
+EVOLUTION_ROWS = {"c_scale=B/Z+score_by=centres": dict(c_scale="B/Z", score_by="centres"),
+                  "n=0": dict(n=0)}
+REFERENCE_ROWS = ("n=0",)
 PRESET_TAGS = {"paper": "paper", "authors": "authors' reading, DESIGN.md §1b"}
 SIG_DIGITS = 10       # baseline scores are rounded to this many significant digits before ranking
 
@@ -388,6 +393,28 @@ def _shared(executor, features):
     return {m: share(f) for m, f in features.items()} if callable(share) else features
 
 
+class RunCache(dict):
+    """{(target, Config with seed): run} that also lives in a JSON-lines file: every run is appended as
+    it finishes, and a later harness run with the same file reuses it (an interrupted sweep resumes;
+    the README can be regenerated without scoring again). A line whose Config this itm.py cannot build
+    is skipped. Scores are deterministic given the Config and the seed; the seconds are the original
+    run's."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    rec = json.loads(line)
+                    super().__setitem__((rec["target"], itm.Config(**rec["config"])), rec["run"])
+
+    def __setitem__(self, key, run):
+        super().__setitem__(key, run)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"target": key[0], "config": dataclasses.asdict(key[1]), "run": run}) + "\n")
+
+
 def itm_runs(target, cfg, seeds, executor=None, cache=None, quiet=False):
     """One run of the pool per seed: [{"seed", "seconds" (wall per seed), "results": {model: task}}].
     cache: {(target, Config with seed): run}, so a (Config, seed) two rows share is run once."""
@@ -669,6 +696,8 @@ def ablation_variants(base, spec, options=None):
             rows += [(f"{field}={v}", "DESIGN.md §1a reading", None,
                       lambda field=field, v=v: dataclasses.replace(base, **{field: v}))
                      for v in values if v != default]
+        rows += [(key, "DESIGN.md §1d evolution", None, lambda change=change: dataclasses.replace(base, **change))
+                 for key, change in EVOLUTION_ROWS.items()]
     out = []
     for key, group, tag, make in rows:
         try:
@@ -756,9 +785,9 @@ def _labels(base, seeds, methods, priors):
 
 
 def run(bench_dir, seeds=tuple(range(SEEDS)), methods=None, targets=None, itm_options=None, ablation=None,
-        settings=Settings(), executor=None, models_json=None, priors=tuple(PRIORS), quiet=False):
+        settings=Settings(), executor=None, models_json=None, priors=tuple(PRIORS), quiet=False, cache=None):
     """Everything but files: (results as JSON-able dict, {target: {method: τ_w per subset}}).
-    ablation: an Ablation, or None for none."""
+    ablation: an Ablation, or None for none; cache: a RunCache (or dict) of ITM runs to reuse."""
     start = time.perf_counter()
     methods = list(methods) if methods is not None else baseline_names()
     loaded, skipped, tables = load_targets(bench_dir, targets, settings.min_models)
@@ -771,7 +800,7 @@ def run(bench_dir, seeds=tuple(range(SEEDS)), methods=None, targets=None, itm_op
                "skipped_targets": skipped, "targets": {}, "stability": {},
                "ablation": {} if ablation else None,
                "ablation_spec": dataclasses.asdict(ablation) if ablation else None}
-    arrays, cache = {}, {}
+    arrays, cache = {}, ({} if cache is None else cache)
     prior_inputs = {k: (facts, tables, facts_note) for k in priors}
     for target in loaded:
         res = score_target(target, base, seeds, methods, prior_inputs, settings, executor, cache, quiet)
@@ -849,6 +878,8 @@ def parse_args(argv):
     a("--max-subsets", type=_count(1), default=Settings.max_subsets,
       help="enumerate every k-subset up to this many, else sample")
     a("--subset-sample", type=_count(1), default=Settings.subset_sample, help="subsets sampled (seed 0)")
+    a("--cache", metavar="FILE", help="keep every ITM run in this JSON-lines file and reuse the runs it "
+      "holds (same target, Config and seed): an interrupted run resumes")
     a("--no-figures", action="store_true")
     a("--readme", metavar="PATH", help="replace the <!-- results:begin/end --> region of this file")
     a("--readme-only", action="store_true", help="with --readme: paste <out>/results.md, run nothing")
@@ -927,20 +958,20 @@ def prepare(args):
                 methods=None if names is None else [m for m in names if m not in PRIORS],
                 priors=tuple(PRIORS) if names is None else tuple(m for m in names if m in PRIORS),
                 targets=_split(args.targets), ablation=ablation if args.ablation else None,
-                models_json=args.models_json,
+                models_json=args.models_json, cache=RunCache(args.cache) if args.cache else None,
                 settings=Settings(args.min_models, args.bootstrap, args.bootstrap_seed, args.stability_k,
                                   args.max_subsets, args.subset_sample))
 
 
 def command_line(argv):
-    """The command that reproduces the numbers: this one without the README options."""
+    """The command that reproduces the numbers: this one without the README and cache options."""
     keep, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--readme":
+        elif a in ("--readme", "--cache"):
             skip = True
-        elif not a.startswith("--readme"):
+        elif not a.startswith(("--readme", "--cache=")):
             keep.append(a)
     return " ".join(["python bench/accuracy.py"] + [shlex.quote(a) for a in keep])
 

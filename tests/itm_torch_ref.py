@@ -60,20 +60,21 @@ def batch_features(E, rows, normalize, prep=None):
     return X
 
 
-def logits_of(params, X, y, centres, q, cfg, n):
-    """f, the propagation, h — for one batch (X, y); cfg is an itm.Config (only its fields are read)."""
+def logits_of(params, X, y, centres, q, cfg, n, head=True):
+    """f, the propagation, h — for one batch (X, y); cfg is an itm.Config (only its fields are read).
+    head=False: E⁽ⁿ⁾ itself, without h."""
     Wz, bz, Wh, bh = params
     theta = X @ Wz + bz
     if cfg.normalize == "theta":
         theta = theta / theta.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    B = X.shape[0]
-    scale = 1.0 / B if cfg.c_scale == "B" else 1.0 / B ** 2
+    B, Z = X.shape[0], theta.shape[1]
+    scale = {"B": 1.0 / B, "B2": 1.0 / B ** 2, "B/Z": Z / B}[cfg.c_scale]
     T = centres[y]
     if cfg.mode == "closed":
         E = naive_propagate(theta, T, n, cfg.eta, scale)
     else:
         E = explicit_propagate(theta, T, q[y], n, cfg.eta, scale, cfg.pc_loss)
-    return E @ Wh + bh
+    return E @ Wh + bh if head else E
 
 
 def loss_and_grads(E, plan, cfg, params, rows):
@@ -90,19 +91,19 @@ def loss_and_grads(E, plan, cfg, params, rows):
 @torch.no_grad()
 def accuracy(E, plan, cfg, params):
     """Top-1 accuracy (percent) on the scoring part in consecutive batches of B, each batch with its own
-    labels' centres (DESIGN.md §1 step 6)."""
+    labels' centres (DESIGN.md §1 step 6): argmax of h's logits, or (score_by="centres") the nearest
+    centre of E⁽ⁿ⁾ by Euclidean distance."""
     rows_all, B, correct = plan.score_idx, cfg.batch_size, 0
     centres, q = t(plan.centres), t(plan.q)
+    head = cfg.score_by == "head"
     for start in range(0, rows_all.size, B):
         rows = rows_all[start:start + B]
         y = torch.as_tensor(plan.y[rows])
-        if cfg.mode == "explicit":  # the inner loop needs autograd
-            with torch.enable_grad():
-                logits = logits_of(params, batch_features(E, rows, cfg.normalize, plan.prep), y, centres, q, cfg,
-                                   plan.n).detach()
-        else:
-            logits = logits_of(params, batch_features(E, rows, cfg.normalize, plan.prep), y, centres, q, cfg, plan.n)
-        correct += int((logits.argmax(dim=1) == y).sum())
+        X = batch_features(E, rows, cfg.normalize, plan.prep)
+        with torch.enable_grad():  # the explicit inner loop needs autograd
+            out = logits_of(params, X, y, centres, q, cfg, plan.n, head).detach()
+        pred = out.argmax(dim=1) if head else torch.cdist(out, centres).argmin(dim=1)
+        correct += int((pred == y).sum())
     return 100.0 * correct / rows_all.size
 
 

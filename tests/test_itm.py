@@ -342,6 +342,8 @@ LOSS_VARIANTS = {
     **{f"kernel_n{n}": dict(n=n, latent_dim=40, batch_size=16) for n in (1, 37, 400)},  # Z = 40 > B = 16
     "normalize_none": dict(n=5, normalize="none", scale=0.5),
     "c_scale_B2": dict(n=37, c_scale="B2"),
+    "c_scale_BZ": dict(n=37, c_scale="B/Z"),
+    "no_propagation": dict(n=0),                                                   # E⁽⁰⁾ = Θ
     "normalize_features": dict(n=37, normalize="features"),
     "centers_random": dict(n=37, centers="random", latent_dim=10),
 }
@@ -477,6 +479,16 @@ def whole_run(dtype, **kw):
     traj_t, losses_t = ref.algorithm2(X, plan, cfg)
     one_sample = 100.0 / plan.score_idx.size
     return plan, (traj, losses), (traj_t, losses_t), one_sample
+
+
+@pytest.mark.parametrize("kw", [dict(c_scale="B/Z", score_by="centres"), dict(n=0)], ids=["centres", "n0"])
+def test_whole_run_readings_vs_torch(kw):
+    """The DESIGN.md §1d readings over a whole run, float64: scoring by the nearest pseudo-cluster centre
+    of E⁽ⁿ⁾ with C = Z·ΘΘᵀ/B, and the propagation switched off (n = 0)."""
+    plan, (traj, losses), (traj_t, losses_t), one = whole_run("float64", **kw)
+    assert np.abs(losses - losses_t).max() / np.abs(losses_t).min() <= 1e-10
+    assert all(abs(a - b) <= one + 1e-9 for (_, a), (_, b) in zip(traj, traj_t)), (traj, traj_t)
+    assert max(a for _, a in traj) > 40.0     # K = 5: well above chance, so the scoring path is exercised
 
 
 def test_whole_run_vs_torch_float64():
