@@ -1816,12 +1816,10 @@ def _at_chance(r):
 
 
 def _tau(ranking, truth):
+    """τ_w over the ranked models that have a fine-tuned accuracy (_matching_truth said which lack one)."""
     if truth is None:
         return None
-    missing = [name for name, _ in ranking if name not in truth]
-    if missing:
-        raise ValueError(f"truth has no accuracy for model(s): {', '.join(missing)}")
-    valid = [(r.score, truth[name]) for name, r in ranking if not math.isnan(r.score)]
+    valid = [(r.score, truth[name]) for name, r in ranking if name in truth and not math.isnan(r.score)]
     # τ_w has one implementation, kendall.weighted_tau (scipy's convention, tested against it)
     tau = _sibling("kendall", "--truth").weighted_tau
     return tau(*zip(*valid)) if len(valid) >= 2 else float("nan")
@@ -1849,7 +1847,8 @@ def _report(ranking, truth, args, dataset, cfg):
     extra = f"  {'fine-tuned':>10}" if truth is not None else ""
     print(f"{'rank':>5}  {'model':<{width}}  {'score ± sd':>13}  {'n':>4}  {'seconds':>7}{extra}")
     for i, (name, r) in enumerate(ranking):
-        extra = f"  {truth[name]:>10.4g}" if truth is not None else ""
+        extra = f"  {truth[name]:>10.4g}" if truth is not None and name in truth else \
+            f"  {'n/a':>10}" if truth is not None else ""
         mark = "≈" if close[i] else " "
         print(f"{i + 1:>4}{mark}  {name:<{width}}  {_score_text(r):>13}  {r.n:>4}  {r.seconds:>7.2f}{extra}"
               + (f"  ({r.error})" if r.error else ""))
@@ -1886,7 +1885,7 @@ def _plot(path, ranking, truth, dataset):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ok = [(name, r) for name, r in ranking if not math.isnan(r.score)]
+    ok = [(name, r) for name, r in ranking if not math.isnan(r.score) and (truth is None or name in truth)]
     fig, ax = plt.subplots(figsize=(7, 5))
     x = [truth[name] for name, _ in ok] if truth is not None else list(range(1, len(ok) + 1))
     ax.errorbar(x, [r.score for _, r in ok], yerr=[np.nan_to_num(r.sd) for _, r in ok], fmt="o", capsize=3)
@@ -1966,9 +1965,29 @@ def _inputs(args, log):
         dataset = dataset_name(args.features)
         truth = _sibling("kendall", "--truth").load_truth(args.truth, args.target, dataset) if args.truth \
             else None
+        if truth is not None:
+            _matching_truth(truth, feature_sets, args.truth)
     if np.ndim(labels) == 1:
         encode_labels(labels)                            # bad labels fail once, before any model runs
     return feature_sets, labels, truth, dataset
+
+
+def _matching_truth(truth, feature_sets, path):
+    """Before any work: a one-line error when fewer than two of the models to rank have a fine-tuned
+    accuracy in the --truth file (τ_w needs two), a note (stderr, also with --quiet) naming the models
+    without one otherwise."""
+    missing = [m for m in feature_sets if m not in truth]
+    matched = len(feature_sets) - len(missing)
+    if matched == 0:
+        names = ", ".join(list(truth)[:4]) + (", ..." if len(truth) > 4 else "")
+        raise ValueError(f"--truth {path}: no model matches: none of the {len(feature_sets)} models to rank has "
+                         f"an accuracy there (it names {names or 'no model'})")
+    if matched == 1:
+        raise ValueError(f"--truth {path}: only 1 of the {len(feature_sets)} models to rank has an accuracy "
+                         "there; τ_w needs at least 2")
+    if missing:
+        print(f"itm: note: --truth {path} has no accuracy for {len(missing)} of {len(feature_sets)} models "
+              f"({', '.join(missing)}); τ_w is over the other {matched}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -825,6 +825,27 @@ def test_cli_truth_weighted_tau(zoo, capsys):
     assert f"{tau:.3f}" in table.splitlines()[-1]
 
 
+def test_cli_truth_without_the_models(zoo, capsys, monkeypatch):
+    """A --truth table that names none (or one) of the models is a one-line error naming the file, before
+    any model is scored; one that lacks some models gives τ_w over the others, with a note naming them."""
+    tmp, argv, expected, truth = zoo
+    monkeypatch.setattr(itm, "rank", lambda *a, **k: pytest.fail("scored before the truth was checked"))
+    for table, pattern in [({"x": 70.0, "y": 80.0}, "no model matches"), ({"a": 61.0, "x": 1.0}, "only 1 of the 4")]:
+        path = tmp / "other.json"
+        path.write_text(json.dumps(table))
+        assert_one_line_error(capsys, argv + ["--truth", str(path)], re.escape(f"--truth {path}: ") + pattern)
+    monkeypatch.undo()
+    partial = {k: v for k, v in truth.items() if k != "d"}
+    (tmp / "partial.json").write_text(json.dumps(partial))
+    assert itm.main(argv + ["--json", "--truth", str(tmp / "partial.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "no accuracy for 1 of 4 models (d); τ_w is over the other 3" in err
+    scores = {row["model"]: row["score"] for row in json.loads(out)["ranking"]}
+    names = sorted(partial)
+    tau = st.weightedtau([scores[k] for k in names], [partial[k] for k in names]).statistic
+    assert abs(json.loads(out)["weighted_tau"] - tau) <= 1e-12
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_weighted_tau_matches_scipy(seed):
     rng = np.random.default_rng(seed)
