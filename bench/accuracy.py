@@ -41,7 +41,7 @@ and the figures from the results it returns. Protocol (every choice is here, and
 * Stability: ``kendall.stability`` over every k-subset (k = 10) of each pool when there are at most
   ``--max-subsets`` (400,000), else a seeded sample of ``--subset-sample`` subsets (seed 0).
 * Ablation (``--ablation``): one option varied at a time from the default Config — every ``preprocess``
-  choice, ``folds`` in ``--ablation-folds`` (1, 3, 5, 10), the presets "paper" and "authors"
+  choice, ``folds`` in ``--ablation-folds`` (1, 2, 3, 4, 5), the presets "paper" and "authors"
   (``itm.preset``), every other choice of the DESIGN.md §1a reading options — each with
   ``--ablation-seeds`` (5) seeds: τ_w mean ± sd, τ_w of the seed-mean score, diverged runs, wall seconds
   per seed. A run shared by two rows (same Config and seed) is computed once.
@@ -97,7 +97,7 @@ PRIORS = {"prior_params": "Prior: parameter count (larger first)",
           "prior_dim": "Prior: feature dimension D (larger first)",
           "prior_loo": "Prior: mean fine-tuned rank on the other targets (leave one target out)"}
 PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")  # if itm.Config lists no choices
-ABLATION_FOLDS = (1, 2, 3, 4, 5, 10)
+ABLATION_FOLDS = (1, 2, 3, 4, 5)
 ABLATION_SEEDS = 5
 READING_FIELDS = ("normalize", "c_scale", "shift", "centers", "score_by")   # DESIGN.md §1a
 # DESIGN.md §1d: a reading in which the evolution matters, and the propagation switched off (a reference
