@@ -1210,12 +1210,33 @@ def _fold_run(plan):
 
 
 def _map_folds(run, plans, threads):
-    """[run(plan) for plan in plans], on up to `threads` threads that share one BLAS thread each."""
+    """[run(plan) for plan in plans] on `threads` cores: `threads` folds at a time on one BLAS thread
+    each, and a fold left over once the others are done alone with every core (5 folds on 2 cores: two
+    pairs, then one fold on both). Each fold computes the same in every arrangement: the same scores."""
     threads = min(int(threads), len(plans))
     if threads <= 1:
         return [run(plan) for plan in plans]
+    full = len(plans) - len(plans) % threads
+    out = _concurrently(run, plans[:full], threads)
+    tail = plans[full:]
+    return out + (_concurrently(run, tail, len(tail)) if len(tail) > 1 else [run(plan) for plan in tail])
+
+
+_FORK_WORK = 1 << 24   # training rows × D from which folds run in forked processes, not threads
+
+
+def _concurrently(run, plans, workers):
+    """[run(plan) for plan in plans], `workers` at a time on one BLAS thread each: forked processes
+    (itm_parallel, where it is present) for large runs — threads of one interpreter hold each other up
+    in the many small steps of a training iteration — threads otherwise, and in processes that may
+    not fork (a daemonic pool worker)."""
     import concurrent.futures as cf
-    with _one_blas_thread(), cf.ThreadPoolExecutor(threads) as pool:
+    import multiprocessing as mp
+    work = plans[0].train_idx.size * plans[0].features.shape[1]
+    if run is _fold_run and work >= _FORK_WORK and not mp.current_process().daemon:
+        with contextlib.suppress(ValueError):
+            return _sibling("itm_parallel", "forked folds").fold_runs(plans, workers)
+    with _one_blas_thread(), cf.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run, plans))
 
 

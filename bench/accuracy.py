@@ -60,6 +60,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shlex
 import sys
 import time
@@ -154,6 +155,7 @@ class Target:
     truth: dict           # model -> fine-tuned accuracy
     complete: bool | None
     notes: list
+    n_test: int | None = None   # test images behind each fine-tuned accuracy (for the noise ceiling)
 
 
 def find_bench_dir(shared=None):
@@ -183,7 +185,19 @@ def read_groundtruth(bench_dir):
             with contextlib.suppress(ValueError):      # a metadata entry, not a {model: acc} table
                 tables[name] = {m: v for m, v in kendall.load_truth(path, name).items() if math.isfinite(v)}
     details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+    splits = (doc.get("protocol") or {}).get("splits") if isinstance(doc.get("protocol"), dict) else None
+    for name, text in (splits or {}).items():
+        n_test = _test_size(text)
+        if n_test and isinstance(details.get(name, {}), dict):
+            details[name] = {**details.get(name, {}), "n_test": n_test}
     return tables, details
+
+
+def _test_size(text):
+    """The number of test images in a protocol's split description ("... test (680)", "all 468 test
+    images ..."), or None."""
+    match = re.search(r"test \((\d[\d,]*)\)", str(text)) or re.search(r"(\d[\d,]*) test images", str(text))
+    return int(match.group(1).replace(",", "")) if match else None
 
 
 def _load_target(path, truth, details):
@@ -199,7 +213,8 @@ def _load_target(path, truth, details):
     kept = {m: f for m, f in arrays.items() if m in truth}
     notes += [f"{name}: {m} has no ground truth yet, skipped" for m in arrays if m not in truth]
     notes += [f"{name}: {m} has ground truth but no features, skipped" for m in truth if m not in arrays]
-    return Target(name, kept, labels, {m: float(truth[m]) for m in kept}, complete, notes)
+    return Target(name, kept, labels, {m: float(truth[m]) for m in kept}, complete, notes,
+                  details.get("n_test") if isinstance(details, dict) else None)
 
 
 def load_targets(bench_dir, only=None, min_models=Settings.min_models):
@@ -663,6 +678,28 @@ def run_stability(scores_by_method, truth, settings=Settings(), seed=0):
     return summary, tau
 
 
+# -------------------------------------------------------------------------------------- noise ceiling
+
+NOISE_DRAWS = 1000
+
+
+def noise_ceiling(truth, n_test, draws=NOISE_DRAWS, seed=0):
+    """What a target can tell: τ_w of a perfect ranking (the fine-tuned accuracies themselves) against
+    the truth re-measured with its own binomial noise, accuracy a on n_test images ± √(a(1 − a)/n_test),
+    over `draws` seeded draws. Binomial noise is a lower bound on the truth's noise (fine-tuning seeds
+    and learning-rate choice add more), so this is an upper bound on what any method can reach."""
+    if not n_test:
+        return {"error": "the number of test images is not recorded in groundtruth.json's protocol"}
+    names = sorted(truth)
+    a = np.array([truth[m] for m in names])
+    se = np.sqrt(np.clip(a * (1 - a), 0.0, None) / n_test)
+    rng = np.random.default_rng(seed)
+    taus = np.array([kendall.weighted_tau(a, a + se * rng.standard_normal(a.size)) for _ in range(draws)])
+    return {"error": None, "n_test": int(n_test), "draws": int(draws), "seed": int(seed),
+            "mean": float(np.mean(taus)), "p5": float(np.percentile(taus, 5)),
+            "p95": float(np.percentile(taus, 95)), "median_se": float(np.median(se))}
+
+
 # ------------------------------------------------------------------------------------------- ablation
 
 def _choices(name, fallback=()):
@@ -749,6 +786,7 @@ def score_target(target, base, seeds, methods, priors, settings, executor=None, 
     out = {"models": list(target.truth), "n": int(len(target.labels)),
            "classes": int(len(np.unique(target.labels))), "complete": target.complete,
            "notes": list(target.notes), "truth": target.truth,
+           "noise_ceiling": noise_ceiling(target.truth, target.n_test),
            "methods": {"itm": run_itm(target, base, seeds, settings, executor, cache, quiet, trajectories=True)}}
     for name in methods:
         res = run_baseline(name, target, settings, executor)
@@ -761,9 +799,15 @@ def score_target(target, base, seeds, methods, priors, settings, executor=None, 
     return out
 
 
-def summarize(results):
-    """Mean τ_w over targets, per method (ITM: per seed, then mean ± sd over the seeds)."""
-    targets = list(results["targets"].values())
+def complete_targets(results):
+    """The targets whose ground truth is complete (details[target].complete), in order."""
+    return [t for t, res in results["targets"].items() if res.get("complete") is True]
+
+
+def summarize(results, only=None):
+    """Mean τ_w over targets (only: those names), per method (ITM: per seed, then mean ± sd over the
+    seeds)."""
+    targets = [r for t, r in results["targets"].items() if only is None or t in only]
     summary = {}
     itms = [t["methods"]["itm"] for t in targets]
     if targets and not any(r.get("error") for r in itms):
@@ -812,6 +856,8 @@ def run(bench_dir, seeds=tuple(range(SEEDS)), methods=None, targets=None, itm_op
             results["ablation"][target.name] = run_ablation(target, base, ablation, settings, itm_options,
                                                             executor, cache, quiet)
     results["summary"] = summarize(results)
+    results["complete_targets"] = complete_targets(results)
+    results["summary_complete"] = summarize(results, results["complete_targets"])
     results["wall_seconds"] = time.perf_counter() - start
     return results, arrays
 

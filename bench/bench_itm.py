@@ -295,12 +295,37 @@ def shape_row(N, D, K, rounds, with_torch):
             f"{ours / ours_paper:.2f} | {numpy_only:.2f} | {naive:.1f} | {naive / ours_paper:.1f}× |")
 
 
+BRIEF_SECONDS = 8.0   # the project's brief: one model of the CIFAR-100 shape in at most this (DESIGN.md §1c)
+
+
+def cost_table(rounds, folds=(1, 2, 3, 4, 5), readings=()):
+    """DESIGN.md §1c's cost: seconds to score one model of the CIFAR-100 shape with each fold count (the
+    default reading otherwise) and each extra reading {name: Config overrides}, medians of `rounds`."""
+    F, y = synthetic(*SHAPES["cifar100_r50"])
+    itm.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)
+    configs = [(f"folds={k}", itm.Config(folds=k)) for k in folds]
+    configs += [(name, itm.Config(**change)) for name, change in readings]
+    lines = ["| Config (the rest: the default) | seconds, CIFAR-100 shape | within the brief (≤ 8 s) |",
+             "|---|---|---|"]
+    for name, cfg in configs:
+        seconds = median_seconds(rounds, itm.itm_score, F, y, cfg)
+        lines.append(f"| {name} | {seconds:.2f} | {'yes' if seconds <= BRIEF_SECONDS else 'no'} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="only the CIFAR-100-shaped case")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--cost", action="store_true", help="only DESIGN.md §1c's cost table: one model of the "
+                   "CIFAR-100 shape with folds 1–5 and the §1d readings")
     args = p.parse_args(argv)
+    if args.cost:
+        print(cost_table(args.rounds, readings=[("c_scale=B/Z, score_by=centres",
+                                                  dict(c_scale="B/Z", score_by="centres"))]))
+        return 0
     k = itm.Config().folds
     print(f"| features (N × D, K) | ITM default s (k = {k} folds) | k × FLOP floor s | ITM / floor | "
           "k × (floor + eigh) s | ITM / (floor + eigh) | paper protocol s (one split) | its floor s | "

@@ -82,22 +82,143 @@ def _itm_cells(res, models):
             fmt(res["mean_score_metrics"]["tau_w"]) + fmt_ci(res["mean_score_interval"]) + part)
 
 
+def _summaries(results):
+    """[(column header, summary)]: the mean over every target, and over the complete-truth targets when
+    they are fewer (the mean DESIGN.md §1c's rule uses)."""
+    out = [("Mean", results["summary"])]
+    complete = results.get("complete_targets") or []
+    if complete and len(complete) < len(results["targets"]):
+        out.append((f"Mean of {', '.join(complete)} (complete truth)", results.get("summary_complete", {})))
+    return out
+
+
+def _ceiling_cell(c):
+    if not c or c.get("error"):
+        return _na(c["error"]) if c else "n/a"
+    return f"{fmt(c['mean'])} [{fmt(c['p5'], 2)}, {fmt(c['p95'], 2)}]"
+
+
+def ceiling_row(results, names, means=0):
+    """The noise ceiling of each target (a perfect ranking against the truth's own binomial noise)."""
+    cells = [results["targets"][t].get("noise_ceiling") for t in names]
+    row = [f"Noise ceiling: a perfect ranking vs the truth re-drawn with its binomial noise "
+           f"({NOISE_DRAWS_TEXT}; [5th, 95th percentile])"] + [_ceiling_cell(c) for c in cells]
+    return row + ["—"] * means
+
+
+NOISE_DRAWS_TEXT = "mean of 1,000 seeded draws"
+
+
 def table1(results):
     names = list(results["targets"])
-    s, n = results["summary"], len(results["seeds"])
+    n, sums = len(results["seeds"]), _summaries(results)
     rows = [[f"{name(results, 'itm')}, {n} seeds: mean ± sd"],
             [f"{name(results, 'itm')}: τ_w of the {n}-seed mean score"]]
     for t in names:
         for row, cell in zip(rows, _itm_cells(results["targets"][t]["methods"]["itm"],
                                               results["targets"][t]["models"])):
             row.append(cell)
-    rows[0].append(fmt_pm(s["itm"]["mean"], s["itm"]["std"]) if "itm" in s else "n/a")
-    rows[1].append(fmt(s["itm"]["mean_score"]) if "itm" in s else "n/a")
+    for _, s in sums:
+        rows[0].append(fmt_pm(s["itm"]["mean"], s["itm"]["std"]) if "itm" in s else "n/a")
+        rows[1].append(fmt(s["itm"]["mean_score"]) if "itm" in s else "n/a")
     for m in results["methods"] + results["priors"]:
         row = [name(results, m)] + [_cell(results["targets"][t]["methods"][m], results["targets"][t]["models"])
                                     for t in names]
-        rows.append(row + [fmt(s[m]["mean"]) if m in s else "n/a"])
-    return md_table(["Method"] + names + ["Mean"], rows)
+        rows.append(row + [fmt(s[m]["mean"]) if m in s else "n/a" for _, s in sums])
+    rows.append(ceiling_row(results, names, len(sums)))
+    return md_table(["Method"] + names + [h for h, _ in sums], rows)
+
+
+# ---------------------------------------------------------------------------------- the first screen
+
+PROBES = ("probe_ridge", "probe_ncm", "probe_knn")
+
+
+def glance_table(results):
+    """Per target: ITM's default beside the probes, the best other baseline, the static priors and
+    the noise ceiling."""
+    names = list(results["targets"])
+    n = len(results["seeds"])
+    itm_row = [f"{name(results, 'itm')}, {n} seeds"]
+    for t in names:
+        r = results["targets"][t]["methods"]["itm"]
+        itm_row.append(_na(r["error"]) if r.get("error") else
+                       fmt_pm(r["metrics"]["tau_w"]["mean"], r["metrics"]["tau_w"]["std"]))
+    rows = [itm_row]
+    for m in [p for p in PROBES if p in results["methods"]] + list(results["priors"]):
+        rows.append([name(results, m)] + [_cell(results["targets"][t]["methods"][m], results["targets"][t]["models"])
+                                          for t in names])
+    best = ["Best other baseline on the target"]
+    for t in names:
+        vals = {m: _tau(results["targets"][t]["methods"][m]) for m in results["methods"] if m not in PROBES}
+        vals = {m: v for m, v in vals.items() if v is not None}
+        best.append(f"{fmt(max(vals.values()))} ({name(results, max(vals, key=vals.get))})" if vals else "n/a")
+    rows.append(best)
+    rows.append(ceiling_row(results, names))
+    header = ["τ_w"] + [t + ("" if results["targets"][t].get("complete") else " (truth provisional)")
+                        for t in names]
+    return md_table(header, rows)
+
+
+def glance_words(results):
+    """Where ITM ranks well and where it does not, generated from the numbers."""
+    lines = []
+    for t, res in results["targets"].items():
+        r = res["methods"]["itm"]
+        if r.get("error"):
+            lines.append(f"{t}: ITM is n/a ({r['error']}).")
+            continue
+        x = r["metrics"]["tau_w"]["mean"]
+        priors = {k: _tau(res["methods"][k]) for k in results["priors"]}
+        priors = {k: v for k, v in priors.items() if v is not None}
+        probes = {k: _tau(res["methods"][k]) for k in PROBES if k in res["methods"]}
+        probes = {k: v for k, v in probes.items() if v is not None}
+        others = [v for m, v in ((m, _tau(res["methods"][m])) for m in results["methods"]) if v is not None]
+        parts = [f"ITM {fmt(x)}"]
+        if priors:
+            top = max(priors, key=priors.get)
+            parts.append(("above every static prior" if x > priors[top] else "below the static prior "
+                          f"{name(results, top)}") + f" (best prior {fmt(priors[top])})")
+        if probes:
+            top = max(probes, key=probes.get)
+            parts.append(f"{'above' if x > probes[top] else 'below'} the best probe, {name(results, top)} "
+                         f"({fmt(probes[top])})")
+        if others:
+            parts.append(f"{sum(v > x for v in others)} of {len(others)} baselines rank higher")
+        c = res.get("noise_ceiling") or {}
+        if not c.get("error") and "mean" in c:
+            parts.append(f"a perfect ranking would reach about {fmt(c['mean'])} against this truth")
+        prov = "" if res.get("complete") else " (truth provisional)"
+        lines.append(f"{t}{prov}: " + "; ".join(parts) + ".")
+    return ["- " + line for line in lines]
+
+
+def rule_table(results):
+    """DESIGN.md §1c: every ablation row's criterion (mean τ_w over the complete-truth targets, each the
+    mean over seeds), its τ_w per target, best first."""
+    abl = results.get("ablation") or {}
+    names = [t for t in results["targets"] if t in abl]
+    complete = [t for t in (results.get("complete_targets") or names) if t in abl] or names
+    if not names:
+        return []
+    first = abl[names[0]]
+    rows = []
+    for key, row in first.items():
+        if "same_as" in row:
+            continue
+        per = {t: _resolve(abl[t], key) if key in abl[t] else {"error": "not run"} for t in names}
+        vals = {t: r.get("tau_w_mean") for t, r in per.items() if not r.get("error")}
+        crit = (float(np.mean([vals[t] for t in complete])) if all(t in vals and vals[t] is not None
+                                                                  and math.isfinite(vals[t]) for t in complete)
+                else float("nan"))
+        cells = [fmt_pm(per[t]["tau_w_mean"], per[t]["tau_w_std"]) if t in vals else _na(per[t]["error"])
+                 for t in names]
+        rows.append((crit, [key, row["group"]] + cells + [fmt(crit)]))
+    rows.sort(key=lambda cr: -cr[0] if math.isfinite(cr[0]) else math.inf)
+    n = len(results["ablation_spec"]["seeds"])
+    header = ["Row", "Group"] + [f"{t} τ_w ({n} seeds)" for t in names] + \
+             [f"criterion: mean of {', '.join(complete)}"]
+    return md_table(header, [r for _, r in rows])
 
 
 def seconds_table(results):
@@ -429,7 +550,12 @@ def _target_section(results, t):
 def render(results, link_root=ROOT):
     """The README fragment (markdown), from the results dict."""
     st, n = results["settings"], len(results["seeds"])
-    out = ["### Ranking accuracy (τ_w; layout of the paper's Table 1)", "",
+    out = ["### Where ITM ranks well, and where it does not", "",
+           "τ_w against each target's fine-tuned accuracies: ITM's default (mean ± sd over seeds), the "
+           "probes and the static priors (which never look at the features) beside it. A method that does "
+           "not beat the priors adds nothing on that target.", ""]
+    out += glance_table(results) + [""] + glance_words(results) + [""]
+    out += ["### Ranking accuracy (τ_w; layout of the paper's Table 1)", "",
            f"Cells: τ_w [95 % bootstrap interval over the models, B = {st['bootstrap']}]; ITM's first row: "
            f"mean ± sd over {n} seeds [interval of that mean].", ""]
     out += table1(results) + ["", "Seconds to score each target's whole pool once (wall time; depends on "
@@ -448,6 +574,8 @@ def render(results, link_root=ROOT):
         out += ["### ITM ablation (one option varied at a time from the default)", ""]
         for t in results["ablation"]:
             out += [f"{t}:", ""] + ablation_table(results, t) + [""]
+        out += ["Every row by the criterion of DESIGN.md §1c (the mean over the complete-truth targets of "
+                "τ_w averaged over the seeds), best first:", ""] + rule_table(results) + [""]
     out += ["### Reading (generated from the numbers above)", ""] + reading(results)
     out += ["", "### Notes", ""] + notes(results)
     out += ["", "Reproduce every number above (seconds aside) with:", "", "```",

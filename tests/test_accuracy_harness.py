@@ -121,14 +121,17 @@ def test_targets_need_min_models_with_ground_truth(first):
 def test_table1_rows_say_which_variant(first):
     results, _ = first
     md = report.render(results)
-    rows = table_rows(md, "| Method | t1 | t2 | Mean |")
+    rows = table_rows(md, "| Method | t1 | t2 | Mean | Mean of t1 (complete truth) |")
     itm_name = accuracy.variant_name(itm.Config(**SMALL), "default")
     assert itm_name == results["labels"]["itm"]
     assert [r[0] for r in rows[:2]] == [f"{itm_name}, {len(SEEDS)} seeds: mean ± sd",
                                         f"{itm_name}: τ_w of the {len(SEEDS)}-seed mean score"]
     display = getattr(accuracy.baselines, "DISPLAY_NAMES", {}) or {}
-    assert [r[0] for r in rows[2:]] == ([display.get(m, m) for m in METHODS] + list(accuracy.PRIORS.values()))
-    assert all(len(r) == 4 for r in rows)
+    assert [r[0] for r in rows[2:-1]] == ([display.get(m, m) for m in METHODS] + list(accuracy.PRIORS.values()))
+    assert rows[-1][0].startswith("Noise ceiling") and rows[-1][1].startswith("n/a (the number of test images")
+    assert all(len(r) == 5 for r in rows)
+    logme = results["targets"]["t1"]["methods"]["logme"]["metrics"]["tau_w"]   # t2's truth is incomplete
+    assert results["complete_targets"] == ["t1"] and results["summary_complete"]["logme"]["mean"] == logme
     assert rows[METHODS.index("leep") + 2][1].startswith("n/a (needs source-model logits")
     assert results["targets"]["t1"]["methods"]["no_such_method"]["error"] == "not in baselines.py"
     assert "| Method | τ_w | Kendall τ | Spearman ρ | Rel@1 |" in md
@@ -170,6 +173,22 @@ def test_metrics_and_summary(first):
     assert "leep" not in results["summary"]
 
 
+def test_noise_ceiling():
+    """A perfect ranking against the truth re-drawn with its binomial noise: near 1 when the accuracies
+    are far apart for their test set, lower when they crowd together; seeded; the test-set size is read
+    from the protocol's split description."""
+    spread = {f"m{i}": v for i, v in enumerate([0.5, 0.6, 0.7, 0.8, 0.9, 0.95])}
+    crowded = {f"m{i}": v for i, v in enumerate([0.86, 0.865, 0.87, 0.875, 0.88, 0.885])}
+    wide = accuracy.noise_ceiling(spread, 2000, draws=200)
+    narrow = accuracy.noise_ceiling(crowded, 468, draws=200)
+    assert wide["mean"] > 0.97 and narrow["mean"] < 0.8 and narrow["p5"] < narrow["mean"] < narrow["p95"]
+    assert accuracy.noise_ceiling(crowded, 468, draws=200) == narrow
+    assert accuracy.noise_ceiling(spread, None)["error"]
+    assert accuracy._test_size("stratified random 40/class train (680), the other 40/class test (680), seed 0") == 680
+    assert accuracy._test_size("1000 random of the 2428 train images as train, all 468 test images as test") == 468
+    assert accuracy._test_size("no number here") is None
+
+
 def test_bootstrap_interval():
     truth = {f"m{i}": v for i, v in enumerate([0.1, 0.5, 0.3, 0.9, 0.7, 0.2])}
     assert accuracy.bootstrap_tau_w([truth], truth, 100, 0) == pytest.approx([1.0, 1.0])  # perfect ranking
@@ -189,7 +208,7 @@ def test_intervals_in_the_tables(first):
     res = results["targets"]["t1"]["methods"]
     lo, hi = res["sfda"]["interval"]
     assert lo <= hi
-    rows = table_rows(report.render(results), "| Method | t1 | t2 | Mean |")
+    rows = table_rows(report.render(results), "| Method | t1 | t2 | Mean | Mean of t1 (complete truth) |")
     sfda = rows[2 + METHODS.index("sfda")]
     assert sfda[1] == f"{res['sfda']['metrics']['tau_w']:.3f} [{lo:.2f}, {hi:.2f}]"
     t = res["itm"]["metrics"]["tau_w"]
@@ -445,7 +464,7 @@ def test_cli_writes_outputs_and_readme(shared, tmp_path, capsys):
     assert data["methods"] == ["logme", "leep"] and data["priors"] == ["prior_dim"]
     assert "--readme" not in data["command"] and "--targets t1" in data["command"]
     text = readme.read_text(encoding="utf-8")
-    assert text.startswith("a\n" + report.BEGIN + "\n### Ranking accuracy") and text.endswith(report.END + "\nz\n")
+    assert text.startswith("a\n" + report.BEGIN + "\n### Where ITM ranks well") and text.endswith(report.END + "\nz\n")
     readme.write_text("a\n" + report.BEGIN + "\n" + report.END + "\nz\n")
     assert accuracy.main(["--out", str(out), "--readme", str(readme), "--readme-only"]) == 0
     assert readme.read_text(encoding="utf-8") == text

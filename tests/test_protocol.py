@@ -222,6 +222,30 @@ def test_result_aggregates_the_folds():
         assert abs(acc * size / 100 - round(acc * size / 100)) < 1e-9
 
 
+@pytest.mark.parametrize("folds", [3, 5])
+def test_fold_arrangements_give_the_same_scores(folds, monkeypatch):
+    """Folds one after the other, two at a time on threads, two at a time in forked processes (itm_parallel)
+    with the odd fold left over run alone: bit-identical Results (each fold computes the same)."""
+    X, y = blobs(0, n=163)
+    kw = {**KW, "folds": folds}
+
+    def run(cores, fork_work):
+        monkeypatch.setattr(itm, "_cores", lambda: cores)
+        monkeypatch.setattr(itm, "_FORK_WORK", fork_work)
+        r = itm.itm_score(X, y, **kw)
+        return r.fold_scores, r.trajectory, r.fold_n, r.losses.tolist()
+
+    calls = []
+    fold_runs = itm._sibling("itm_parallel", "test").fold_runs
+    monkeypatch.setattr(itm._sibling("itm_parallel", "test"), "fold_runs",
+                        lambda plans, workers: calls.append(len(plans)) or fold_runs(plans, workers))
+    serial = run(1, 1 << 60)
+    assert run(2, 1 << 60) == serial                     # threads
+    assert not calls
+    assert run(2, 0) == serial                           # forked processes
+    assert calls == [folds - folds % 2]                  # the pairs forked; the last fold here, on every core
+
+
 def test_one_fold_has_no_sd():
     X, y = blobs(0)
     r = itm.itm_score(X, y, folds=1, **KW)
