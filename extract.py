@@ -4,22 +4,28 @@ Writes the ``feats.npz`` that ``itm.py`` and ``baselines.py`` rank (one N x D ar
 ``labels``, and a JSON sidecar recording weights, pooling and preprocessing), resuming where it stopped::
 
     python extract.py --models resnet18,mobilenet_v2,dino_vitb16 --dataset cifar100 --root DATA --out feats.npz
+    python extract.py --models timm:convnext_tiny.fb_in22k_ft_in1k,hf:facebook/dinov2-small,resnet50 \
+        --dataset imagefolder --root DIR --out feats.npz
     python extract.py --dense --models resnet18,dino_vitb16 --dataset voc2012 --root DATA --out seg.npz
     python itm.py --features feats.npz
 
-``python extract.py --list`` shows every model (its pooling, preprocessing and weights) and dataset; the
-README describes the output, the models, the checkpoint conversion and the dense features.
+``timm:NAME`` and ``hf:REPO_ID`` (or ``hf:FOLDER``) name models of the two hubs, with their own preprocessing,
+weights from the hubs' caches (the extras ``timm`` and ``hf``). ``python extract.py --list`` shows every
+model (its pooling, preprocessing and weights) and dataset; ``--list --models NAME,...`` the rows of those
+models; the README describes the output, the models, the checkpoint conversion and the dense features.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,15 +122,27 @@ def _is_vit(arch: str) -> bool:
     return arch in SSL_VITS or arch in TORCHVISION_VITS
 
 
-def _check_model(name: str, checkpoint=None, arch: str | None = None, pool: str | None = None) -> None:
-    """Refuse, before any work, a model that cannot be built: unknown name, missing file, --pool on a CNN."""
-    arch = arch or name
-    if arch not in SSL_VITS and arch not in torchvision_models():
-        raise ExtractError(f"unknown model {arch!r}; valid: {', '.join(available_models())}")
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ExtractError(f"checkpoint {checkpoint} does not exist")
+def _check_model(name: str, checkpoint=None, arch: str | None = None, pool: str | None = None,
+                 dense: bool = False) -> None:
+    """Refuse, before any work, a model that cannot be built: unknown name, missing file, --pool on a CNN; a
+    hub model (timm:, hf:) with an option it does not take, or whose library is not installed."""
     if pool not in (None, "cls", "mean"):
         raise ExtractError(f"--pool must be cls or mean, got {pool!r}")
+    hub = hub_of(name)
+    if hub is not None or hub_of(arch or ""):
+        if checkpoint is not None or arch is not None:
+            raise ExtractError(f"--checkpoint/--arch load torchvision and SSL ViT architectures, not {arch or name} "
+                               "(hf:FOLDER reads a local save_pretrained folder)")
+        if dense:
+            raise ExtractError(f"--dense takes torchvision and SSL ViT models, not {name}")
+        _check_hub(name, *hub, pool)
+        return
+    arch = arch or name
+    if arch not in SSL_VITS and arch not in torchvision_models():
+        raise ExtractError(f"unknown model {arch!r}; valid: {', '.join(available_models())}, "
+                           "or a hub model timm:NAME, hf:REPO_ID, hf:FOLDER")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ExtractError(f"checkpoint {checkpoint} does not exist")
     if pool is not None and not _is_vit(arch):
         raise ExtractError(f"--pool applies to ViTs only, not to {arch}")
 
@@ -478,14 +496,417 @@ def _build_vit(spec: ViTSpec, checkpoint: Path | None, random_init: bool, pool: 
     return model.eval(), default_transform(spec.image_size), info
 
 
+# ------------------------------------------------------------------------ hub models: timm, Hugging Face
+# timm:NAME and hf:REPO_ID / hf:FOLDER. Their libraries are optional extras, imported only when such a model
+# is named. Weights live in the hubs' own caches (HF_HOME; TORCH_HOME for timm weights known by URL only): a
+# cached file is used without going online, a missing one is downloaded there -- both before any image is
+# read, so that an offline run fails at once, naming the model.
+
+HUBS = {"timm": ("timm", "timm"), "hf": ("transformers", "hf")}  # prefix: (library, extra installing it)
+HUB_EXAMPLES = {"timm": "timm:convnext_tiny.fb_in22k_ft_in1k", "hf": "hf:facebook/dinov2-small"}
+HF_CONFIGS = ("config.json", "preprocessor_config.json")
+# transformers' weight files, in its order of preference; an index names the shards of a sharded checkpoint
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+_TIMM_POOL = {"cls": "token", "mean": "avg"}  # --pool -> timm's global_pool of a token model
+HF_POOLING = {"pooler_output": "pooler_output, the pooled output the model defines",
+              "cls": "class token: last_hidden_state[:, 0]",
+              "mean": "mean of last_hidden_state over its tokens (or feature-map positions)"}
+
+
+def hub_of(name: str) -> tuple[str, str] | None:
+    """('timm' | 'hf', the rest of the name) of a hub model name; None for torchvision and SSL ViT names."""
+    prefix, sep, rest = name.partition(":")
+    return (prefix, rest) if sep and prefix in HUBS else None
+
+
+def _import_hub(hub: str, name: str):
+    """The library of a hub (timm, transformers), or a one-line error naming the extra that installs it."""
+    module, extra = HUBS[hub]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in (module, "huggingface_hub", "safetensors"):
+            raise
+        raise ExtractError(f'{name}: {exc.name} is not installed: pip install "itm-transferability[{extra}]"') \
+            from None
+
+
+def _check_hub(name: str, hub: str, rest: str, pool: str | None) -> None:
+    """Refuse, before any work, a hub model that cannot be built: library missing, unknown timm name or tag,
+    --pool where it does not apply. Whether its files are at hand is `fetch_hub_files`'s part."""
+    lib = _import_hub(hub, name)
+    if not rest:
+        raise ExtractError(f"{name}: no model after '{hub}:' (e.g. {HUB_EXAMPLES[hub]})")
+    if hub == "hf":
+        if pool is not None:
+            raise ExtractError(f"--pool does not apply to {name}: it gives the pooled output it defines "
+                               f"(--list --models {name} shows which)")
+        return
+    if not lib.is_model(rest):
+        raise ExtractError(f"unknown timm model {rest!r} (timm {lib.__version__}; timm.list_models() names them)")
+    _timm_cfg(name, rest)  # an unknown tag fails here
+    if pool is not None:
+        _set_timm_pool(_timm_on_meta(rest), pool, name)
+
+
+def fetch_hub_files(name: str, random_init: bool = False) -> None:
+    """Make the files a hub model needs local (see `_hub_file`); nothing for other names."""
+    hub = hub_of(name)
+    if hub is not None and hub[0] == "hf":
+        _hf_folder(name, hub[1], random_init)
+    elif hub is not None and not random_init:
+        _timm_weights(name, hub[1])
+
+
+def _hub_file(name: str, repo: str, filenames, revision: str | None = None) -> Path:
+    """The local path of the first of `filenames` that hub repo `repo` holds: its copy in the Hugging Face cache
+    when there is one (no network then), else downloaded into it; one line naming the model when neither can
+    be (offline, no network, no such repo)."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError)
+    try:
+        for filename in filenames:
+            cached = try_to_load_from_cache(repo, filename, revision=revision)
+            if isinstance(cached, str):  # else None (not cached) or a marker: the hub said it has no such file
+                return Path(cached)
+    except ValueError as exc:  # HFValidationError: not a repo id
+        raise ExtractError(f"{name}: {repo!r} is neither a folder nor a hub repo id ({itm.one_line(exc)})") from None
+    missing = f"{repo}/{filenames[0]} is not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    todo = "run once with network to download it, or set HF_HOME to a cache that has it"
+    if constants.HF_HUB_OFFLINE:
+        raise ExtractError(f"{name}: {missing} and HF_HUB_OFFLINE is set: {todo}")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise ExtractError(f"{name}: {missing} and the hub cannot be reached ({unreachable}): {todo}")
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision))
+        except LocalEntryNotFoundError:  # no connection; a subclass of EntryNotFoundError, so caught first
+            raise ExtractError(f"{name}: {missing} and the hub cannot be reached: {todo}") from None
+        except RepositoryNotFoundError:  # gated repos too
+            raise ExtractError(f"{name}: no repository {repo} on the Hugging Face hub (private or gated? log in "
+                               "with `hf auth login`)") from None
+        except EntryNotFoundError:
+            continue
+        except (HfHubHTTPError, OSError) as exc:
+            raise ExtractError(f"{name}: cannot download {filename} from {repo}: {itm.one_line(exc)}") from None
+    raise ExtractError(f"{name}: {repo} has none of {', '.join(filenames)}")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub does not answer (one line), or None if it does. Asked before a download: without network,
+    huggingface_hub retries a missing file for ~20 s, warning at each try, before it gives up."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as exc:  # httpx / requests errors, by the hub library's version; all mean "no answer"
+        return itm.one_line(exc)
+    return None
+
+
+def _snapshot(path: Path) -> str:
+    """'@COMMIT' of a file in a Hugging Face cache snapshot (…/snapshots/COMMIT/file), else ''."""
+    return f"@{path.parent.name}" if path.parent.parent.name == "snapshots" else ""
+
+
+def _described_file(path: Path, source: str) -> str:
+    """'source (file PATH, sha256 …)'; the hash is the cache's blob name when it is one (no re-read of GBs)."""
+    blob = Path(os.path.realpath(path)).name
+    sha = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else _sha256(path)
+    return f"{source} (file {path}, sha256 {sha})"
+
+
+# timm
+
+class TimmFeatures(nn.Module):
+    """A timm model -> its pooled pre-logits features, the input of its classifier, by timm's own split:
+    ``forward_features`` (the trunk and its final norm), then ``forward_head(pre_logits=True)`` (the pooling)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def _timm_cfg(name: str, rest: str):
+    """timm's pretrained config of `rest` (architecture[.tag], the default tag if none), or None."""
+    import timm
+    try:
+        return timm.models.get_pretrained_cfg(rest)
+    except RuntimeError as exc:  # "Invalid pretrained tag (x) for arch."
+        raise ExtractError(f"{name}: {itm.one_line(exc)}") from None
+
+
+def _timm_on_meta(rest: str) -> nn.Module:
+    """The architecture alone (no memory, no init compute), for checks and --list; built on the CPU where its
+    constructor reads tensor values (older timm ViTs: ``.item()`` of a linspace)."""
+    import timm
+    try:
+        with torch.device("meta"):
+            return timm.create_model(rest, pretrained=False)
+    except (NotImplementedError, RuntimeError):
+        return timm.create_model(rest, pretrained=False)
+
+
+def timm_transform(model: nn.Module):
+    """(transform, data config): timm's own eval preprocessing of `model` -- its pretrained config's input size,
+    interpolation, crop and mean/std, through timm.data.resolve_model_data_config and create_transform."""
+    import timm.data
+    config = timm.data.resolve_model_data_config(model)
+    return timm.data.create_transform(**config, is_training=False), config
+
+
+def _timm_global_pool(model: nn.Module) -> str | None:
+    """timm's name of the pooling before the classifier ('token', 'avg', 'map', ...), where it has one."""
+    pool = getattr(model, "global_pool", None)
+    if pool is None:  # ConvNeXt and others pool in their head
+        pool = getattr(getattr(model, "head", None), "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # SelectAdaptivePool2d
+    return pool if isinstance(pool, str) else None
+
+
+def _has_tokens(model: nn.Module) -> bool:
+    """A timm model whose trunk gives tokens and whose global_pool picks among them: ViT, EVA, BEiT, ..."""
+    return hasattr(model, "num_prefix_tokens") and isinstance(getattr(model, "global_pool", None), str)
+
+
+def _set_timm_pool(model: nn.Module, pool: str, name: str) -> None:
+    """--pool: a token model's global_pool, set by timm's reset_classifier (the head it resets is unused)."""
+    if not _has_tokens(model):
+        raise ExtractError(f"--pool applies to ViTs only (timm models with tokens), not to {name}")
+    if pool == "cls" and getattr(model, "cls_token", None) is None:
+        raise ExtractError(f"{name} has no class token: use --pool mean, or no --pool for its own pooling")
+    model.reset_classifier(0, global_pool=_TIMM_POOL[pool])
+
+
+def _timm_pooling(model: nn.Module) -> tuple[str, str]:
+    """(pool, description) of a timm model's pre-logits: 'cls' / 'mean' for token models, else timm's name."""
+    global_pool, text = _timm_global_pool(model), "pre-logits: forward_head(forward_features(x), pre_logits=True)"
+    if global_pool is None:
+        return "the model's own", text
+    pool = {"token": "cls", "avg": "mean"}.get(global_pool, global_pool) if _has_tokens(model) else global_pool
+    return pool, f"{text}, global_pool={global_pool!r}"
+
+
+def _safetensors_first(filename: str) -> list[str]:
+    """The hub file names timm tries for a weights file: its .safetensors twin first, then the file itself."""
+    twin = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"
+            }.get(filename, filename[:-4] + ".safetensors" if filename.endswith(".bin") else None)
+    return [twin, filename] if twin else [filename]
+
+
+def _timm_weights(name: str, rest: str) -> tuple[Path, str]:
+    """(local file, where it comes from) of a timm model's pretrained weights, where timm itself takes them: its
+    Hugging Face repo (HF_HOME cache), or for older weights known by URL only, torch.hub's cache (TORCH_HOME)."""
+    cfg = _timm_cfg(name, rest)
+    if cfg is not None and cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        path = _hub_file(name, repo, _safetensors_first(cfg.hf_hub_filename or "pytorch_model.bin"), revision or None)
+        return path, f"{repo}{_snapshot(path)}"
+    if cfg is not None and cfg.url:
+        return fetch_weights(name, cfg.url, Path(urllib.parse.urlparse(cfg.url).path).name), cfg.url
+    raise ExtractError(f"{name}: timm has no pretrained weights for it: use --random-init, or a tag that has "
+                       "weights (timm.list_pretrained() names them)")
+
+
+def _build_timm(name: str, rest: str, pool: str | None, random_init: bool):
+    import timm
+    kwargs, described = {}, f"random init, preprocessing of timm's pretrained config {rest}"
+    if not random_init:
+        path, source = _timm_weights(name, rest)
+        # timm reads the file located above (the cache, or a fresh download) and never goes online itself
+        kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+        described = _described_file(path, source)
+    try:
+        model = timm.create_model(rest, **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:  # a file that does not fit the architecture
+        raise ExtractError(f"{name}: cannot load its weights: {itm.one_line(exc)}") from None
+    if pool is not None:
+        _set_timm_pool(model, pool, name)
+    transform, config = timm_transform(model)
+    pool_name, pooling = _timm_pooling(model)
+    info = {"arch": name, "library": f"timm {timm.__version__}", "weights": described, "pool": pool_name,
+            "pooling": pooling, "data_config": config}
+    return TimmFeatures(model).eval(), transform, info
+
+
+# Hugging Face transformers
+
+class HFFeatures(nn.Module):
+    """A transformers vision model -> one vector per image by `pool` (see ``HF_POOLING``)."""
+
+    def __init__(self, model: nn.Module, pool: str):
+        super().__init__()
+        self.model, self.pool = model, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x)
+        if self.pool == "pooler_output":
+            return out.pooler_output.flatten(1)  # CNNs give B x C x 1 x 1
+        h = out.last_hidden_state
+        if self.pool == "cls":
+            return h[:, 0]
+        return h.flatten(2).mean(dim=2) if h.ndim == 4 else h.mean(dim=1)  # CNN map B x C x h x w, or tokens
+
+
+class HFProcessor:
+    """PIL image -> the pixel_values (3 x H x W) of the repo's own image processor."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, img) -> torch.Tensor:
+        return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        settings = {k: v for k, v in self.processor.to_dict().items() if not k.startswith("_")}
+        return f"{type(self.processor).__name__}({json.dumps(settings, sort_keys=True, default=str)})"
+
+
+def _hf_local(rest: str) -> Path | None:
+    """The folder of hf:FOLDER; None for a repo id. A path-like name that is no folder is refused."""
+    path = Path(rest).expanduser()
+    if path.is_dir():
+        return path
+    if rest.startswith((".", "/", "~")) or rest.count("/") > 1:
+        raise ExtractError(f"hf:{rest}: no such folder (a repo id reads org/name)")
+    return None
+
+
+def _hf_folder(name: str, rest: str, random_init: bool) -> Path:
+    """A local folder with the model's config.json and preprocessor_config.json and, unless `random_init`, its
+    weights: FOLDER itself, or the repo's snapshot in the Hugging Face cache (files downloaded into it if missing)."""
+    local = _hf_local(rest)
+    if local is not None:
+        for needed in HF_CONFIGS:
+            if not (local / needed).is_file():
+                raise ExtractError(f"{name}: no {needed} in {local}")
+        if not random_init and not any((local / f).is_file() for f in HF_WEIGHTS):
+            raise ExtractError(f"{name}: no weights ({', '.join(HF_WEIGHTS)}) in {local}; --random-init builds "
+                               "the model from its config.json")
+        return local
+    config = _hub_file(name, rest, ["config.json"])
+    _hub_file(name, rest, ["preprocessor_config.json"])
+    if not random_init:
+        weights = _hub_file(name, rest, HF_WEIGHTS)
+        if weights.name.endswith(".index.json"):  # sharded: every shard the index names
+            for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+                _hub_file(name, rest, [shard])
+    return config.parent
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers):
+    """transformers' loading logs and bars would bury this CLI's progress; we check missing weights ourselves."""
+    logging = transformers.utils.logging
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _vision_tower(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the module that maps pixel_values to features, its key prefix): the image tower of a two-tower model
+    (CLIP, SigLIP: ``vision_model``), else the model."""
+    tower = getattr(model, "vision_model", None)
+    return (tower, "vision_model.") if isinstance(tower, nn.Module) else (model, "")
+
+
+def hf_pooling(tower: nn.Module, sample: torch.Tensor, pooler_loaded: bool = True) -> str:
+    """'pooler_output' when the model returns one (and its weights were loaded), else 'cls' when it has a
+    class token, else 'mean' -- decided on one forward pass of `sample` (a batch of the processor's size)."""
+    with torch.inference_mode():
+        out = tower(pixel_values=sample)
+    if pooler_loaded and getattr(out, "pooler_output", None) is not None:
+        return "pooler_output"
+    if any(re.search(r"(^|\.)(cls_token|class_embedding)$", n) for n, _ in tower.named_parameters()):
+        return "cls"
+    return "mean"
+
+
+def _hf_load(name: str, folder: Path, random_init: bool, device: str | None = None):
+    """(model, processor, missing weight keys) from a folder; transformers never goes online for a folder.
+    `device` 'meta': the random-init architecture alone, for --list."""
+    transformers = _import_hub("hf", name)
+    with _quiet_transformers(transformers):
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(folder)
+            if random_init:
+                config = transformers.AutoConfig.from_pretrained(folder)
+                with torch.device(device) if device else contextlib.nullcontext():
+                    return transformers.AutoModel.from_config(config, dtype=torch.float32), processor, []
+            model, loading = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32,
+                                                                    output_loading_info=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ExtractError(f"{name}: cannot build it from {folder}: {itm.one_line(exc)}") from None
+    return model, processor, sorted(loading["missing_keys"])
+
+
+def _build_hf(name: str, rest: str, random_init: bool):
+    transformers = _import_hub("hf", name)
+    folder = _hf_folder(name, rest, random_init)
+    model, processor, missing = _hf_load(name, folder, random_init)
+    tower, prefix = _vision_tower(model)
+    missing = [k[len(prefix):] for k in missing if k.startswith(prefix)]
+    # a pooler/head absent from the checkpoint is freshly random (ViTModel from DINO weights): not used
+    random_pooler = [k for k in missing if re.match(r"(.*\.)?(pooler|head)\.", k)]
+    others = [k for k in missing if k not in random_pooler]
+    if others:
+        raise ExtractError(f"{name}: the checkpoint in {folder} lacks {len(others)} weights of "
+                           f"{type(tower).__name__}: {_names(others)}")
+    transform = HFProcessor(processor)
+    tower.eval()
+    pool = hf_pooling(tower, transform(_blank_image())[None], pooler_loaded=not random_pooler)
+    notes = [f"pooler weights not in the checkpoint ({_names(random_pooler, 4)}): its pooled output is not "
+             "used"] if random_pooler else []
+    source = str(folder) if _hf_local(rest) else f"{rest}{_snapshot(folder / 'config.json')} ({folder})"
+    described = f"random init from {folder / 'config.json'}" if random_init else source
+    info = {"arch": name, "library": f"transformers {transformers.__version__}", "weights": described,
+            "pool": pool, "pooling": HF_POOLING[pool] + (f" of {prefix[:-1]}" if prefix else ""),
+            "model_class": type(tower).__name__, "notes": notes}
+    return HFFeatures(tower, pool).eval(), transform, info
+
+
+def _blank_image():
+    from PIL import Image
+    return Image.new("RGB", (256, 256))
+
+
 def build_model(name: str, *, checkpoint: str | Path | None = None, arch: str | None = None,
                 pool: str | None = None, random_init: bool = False):
     """(model: images -> features, transform: PIL image -> tensor, info dict) for a model name.
 
     `checkpoint` loads a local file into `arch` (default: `name`). `random_init` skips all weights
-    (torchvision ``weights=None``) -- for tests and timing.
+    (torchvision ``weights=None``; timm ``pretrained=False``; transformers: built from config.json) -- for tests
+    and timing; the random weights are drawn from seed 0 (torch's global generator is left as it was), so the
+    same command gives the same features. ``timm:NAME`` and ``hf:REPO_ID`` / ``hf:FOLDER`` are hub models (see
+    ``_build_timm``, ``_build_hf``).
     """
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return _build_model(name, checkpoint, arch, pool, True)
+    return _build_model(name, checkpoint, arch, pool, False)
+
+
+RANDOM_INIT_SEED = 0
+
+
+def _build_model(name, checkpoint, arch, pool, random_init):
     _check_model(name, checkpoint, arch, pool)
+    hub = hub_of(name)
+    if hub is not None:
+        return _build_timm(name, hub[1], pool, random_init) if hub[0] == "timm" else \
+            _build_hf(name, hub[1], random_init)
     arch = arch or name
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if arch in SSL_VITS:
@@ -1082,7 +1503,9 @@ def extract_to_npz(models: list[str], dataset: str, out: str | Path, *, dense: b
     _check_same_data(arrays, meta, want, out)
     todo = list(dict.fromkeys(m for m in models if m not in arrays))
     for m in todo:
-        _check_model(m, checkpoint, arch, pool)
+        _check_model(m, checkpoint, arch, pool, dense)
+    for m in todo:  # hub files found in their cache or fetched now: a missing one fails before any image is read
+        fetch_hub_files(m, random_init)
     if not todo:
         return arrays, []
     ds, used_split = (load_seg_dataset if dense else load_dataset)(dataset, root, split, download, limit)
@@ -1171,7 +1594,8 @@ def _same_labels(stored: np.ndarray, new: np.ndarray) -> bool:
 def _parser() -> argparse.ArgumentParser:
     p = itm.CLIParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="", help="comma-separated model names (--list shows them)")
+    p.add_argument("--models", default="", help="comma-separated model names (--list shows them): torchvision "
+                                                "or SSL ViT names, timm:NAME, hf:REPO_ID, hf:FOLDER")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}; with --dense: {', '.join(SEG_DATASETS)}")
     p.add_argument("--root", help="dataset directory (or the .npz for --dataset npz)")
     p.add_argument("--split", default="train")
@@ -1184,17 +1608,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--limit", type=int, help="random subset of N ≥ 1 images (seed 0), for a quick look")
-    p.add_argument("--pool", choices=["cls", "mean"], help="ViT pooling (default: the model's own)")
+    p.add_argument("--pool", choices=["cls", "mean"],
+                   help="ViT pooling, timm token models too (default: the model's own)")
     p.add_argument("--checkpoint", help="local weights file (with --arch)")
     p.add_argument("--arch", help="architecture of --checkpoint: a torchvision name or an SSL ViT name")
-    p.add_argument("--random-init", action="store_true", help="no weights (tests, timing)")
+    p.add_argument("--random-init", action="store_true", help="no weights: seeded random ones (tests, timing)")
     p.add_argument("--dense", action="store_true",
                    help=f"dense features N x h x w x D and label maps, for segmentation ({', '.join(SEG_DATASETS)})")
     p.add_argument("--size", type=int, help="--dense: resize (shorter side) + center crop to SIZE x SIZE "
                                             "(default 224)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--list", action="store_true",
-                   help="list the models (pooling, preprocessing, weights) and datasets, then exit")
+                   help="list the models (pooling, preprocessing, weights) and datasets, then exit; with "
+                        "--models: the rows of those models")
     return p
 
 
@@ -1208,6 +1634,8 @@ _FEATURES = [  # torchvision families whose feature (the input of the last Linea
 
 def _list_row(name: str) -> tuple[str, str, str, str]:
     """(name, feature with the default pooling, preprocessing, weights) of a model, for --list."""
+    if hub_of(name) is not None:
+        return _hub_list_row(name, *hub_of(name))
     spec = SSL_VITS.get(name)
     weights = None if spec else _torchvision_weights(name, None)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -1220,16 +1648,104 @@ def _list_row(name: str) -> tuple[str, str, str, str]:
         t = weights.transforms()
         prep = f"Resize({t.resize_size[0]}, {t.interpolation.value}) + CenterCrop({t.crop_size[0]})"
         mean, std, source = tuple(t.mean), tuple(t.std), str(weights)
-    imagenet = (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
-    return name, pooling, prep + (" + ImageNet mean/std" if imagenet else f" + mean {mean} std {std}"), source
+    return name, pooling, prep + _norm_text(mean, std), source
 
 
-def _print_list() -> None:
-    rows = [_list_row(name) for name in available_models()]
+def _norm_text(mean, std) -> str:
+    mean, std = (tuple(round(float(v), 4) for v in m) for m in (mean, std))
+    imagenet = (mean, std) == tuple(tuple(round(v, 4) for v in m) for m in (IMAGENET_MEAN, IMAGENET_STD))
+    return " + ImageNet mean/std" if imagenet else f" + mean {mean} std {std}"
+
+
+def _size_text(size) -> str:
+    size = [size] if isinstance(size, int) else list(size)
+    return str(size[0]) if len(set(size)) == 1 else "x".join(map(str, size))
+
+
+def _compose_text(transform) -> str:
+    """'Resize(248, bicubic) + CenterCrop(224)' of a torchvision/timm Compose (tensor conversion and Normalize
+    left out: `_norm_text` says the mean/std)."""
+    parts = []
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, T.Resize):
+            parts.append(f"Resize({_size_text(t.size)}, {t.interpolation.value})")
+        elif isinstance(t, T.CenterCrop):
+            parts.append(f"CenterCrop({_size_text(t.size)})")
+        elif not isinstance(t, T.Normalize) and "ToTensor" not in type(t).__name__:
+            parts.append(type(t).__name__)
+    return " + ".join(parts)
+
+
+def _processor_text(processor) -> str:
+    """'ViTImageProcessor: resize 224x224 (bilinear) + ImageNet mean/std' of a transformers image processor."""
+    from PIL import Image
+    d = processor.to_dict()
+    size = lambda s: f"{s['height']}x{s['width']}" if {"height", "width"} <= set(s) else \
+        ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items())  # noqa: E731
+    parts = []
+    if d.get("do_resize", True) and d.get("size"):
+        resample = d.get("resample")
+        resample = Image.Resampling(resample).name.lower() if isinstance(resample, int) else resample
+        parts.append(f"resize {size(d['size'])} ({resample})")
+    if d.get("do_center_crop") and d.get("crop_size"):
+        parts.append(f"center crop {size(d['crop_size'])}")
+    norm = _norm_text(d["image_mean"], d["image_std"]) if d.get("do_normalize", True) and d.get("image_mean") else ""
+    return f"{type(processor).__name__}: " + " + ".join(parts) + norm
+
+
+def _hub_list_row(name: str, hub: str, rest: str) -> tuple[str, str, str, str]:
+    """--list's row of a hub model, from its architecture on the meta device (no weights, no compute)."""
+    _check_hub(name, hub, rest, None)
+    if hub == "timm":
+        model, cfg = _timm_on_meta(rest), _timm_cfg(name, rest)
+        transform, config = timm_transform(model)
+        source = cfg.url if cfg is not None and cfg.url else "no pretrained weights in timm"
+        if cfg is not None and cfg.hf_hub_id:
+            from huggingface_hub import try_to_load_from_cache
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            cached = any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
+                         for f in _safetensors_first(cfg.hf_hub_filename or "pytorch_model.bin"))
+            source = f"{cfg.hf_hub_id} on the Hugging Face hub ({'cached' if cached else 'not cached'})"
+        return name, _timm_pooling(model)[1], _compose_text(transform) + _norm_text(config["mean"], config["std"]), \
+            source
+    folder = _hf_folder(name, rest, random_init=True)
+    model, processor, _ = _hf_load(name, folder, random_init=True, device="meta")
+    tower, prefix = _vision_tower(model)
+    try:  # the rule as extraction decides it; the pooled output is used only if the checkpoint has its weights
+        pooling = HF_POOLING[hf_pooling(tower, HFProcessor(processor)(_blank_image())[None].to("meta"))]
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel
+        pooling = "decided when extracting: " + ", else ".join(HF_POOLING)
+    source = f"{folder} (local folder)" if _hf_local(rest) else f"{rest} on the Hugging Face hub"
+    return name, pooling + (f" of {prefix[:-1]}" if prefix else ""), _processor_text(processor), source
+
+
+HUB_LIST_ROWS = [
+    ("timm:NAME", "pre-logits: forward_head(forward_features(x), pre_logits=True); --pool cls|mean sets the "
+     "global_pool of token models", "its pretrained config (timm.data.resolve_model_data_config + create_transform)",
+     "timm's source: the Hugging Face cache (HF_HOME), or its URL (TORCH_HOME)"),
+    ("hf:REPO_ID", "pooler_output if the model defines one, else the class token, else the mean of its tokens",
+     "the repo's image processor (AutoImageProcessor)", "the Hugging Face cache (HF_HOME)"),
+    ("hf:FOLDER", "as hf:REPO_ID", "its preprocessor_config.json", "its save_pretrained files"),
+]
+
+
+def _print_rows(rows) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    print("models (name, feature with the default pooling, preprocessing, weights):")
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+
+
+def _print_list(names: list[str] | None = None) -> None:
+    """Every model known by name and the hub models' rules; with `names`, the rows of those models only."""
+    for name in names or []:
+        _check_model(name)
+    rows = [_list_row(name) for name in names or available_models()]  # all of them first: errors come alone
+    print("models (name, feature with the default pooling, preprocessing, weights):")
+    _print_rows(rows)
+    if names:
+        return
+    print("hub models (--models timm:NAME,hf:REPO_ID,hf:FOLDER; --list --models NAME,... shows their rows):")
+    _print_rows(HUB_LIST_ROWS)
     print("datasets:", " ".join(DATASETS))
     print("segmentation datasets (--dense):", " ".join(SEG_DATASETS))
 
@@ -1242,6 +1758,8 @@ def _model_names(args) -> list[str]:
         return names
     if len(names) > 1:
         raise ExtractError("--checkpoint loads one model: give at most one --models name")
+    if names and hub_of(names[0]):
+        _check_model(names[0], args.checkpoint)  # its error: hub models load their hub weights
     if args.arch is None and not (names and names[0] in available_models()):
         raise ExtractError("--checkpoint needs --arch (a torchvision model name or an SSL ViT name)")
     return names or [Path(args.checkpoint).name.split(".")[0]]
@@ -1249,7 +1767,7 @@ def _model_names(args) -> list[str]:
 
 def _run(args) -> int:
     if args.list:
-        _print_list()
+        _print_list([m.strip() for m in args.models.split(",") if m.strip()])
         return 0
     if args.dataset is None or args.out is None:
         raise ExtractError("--dataset and --out are required")

