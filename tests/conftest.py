@@ -5,7 +5,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
