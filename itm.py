@@ -1210,34 +1210,41 @@ def _fold_run(plan):
 
 
 def _map_folds(run, plans, threads):
-    """[run(plan) for plan in plans] on `threads` cores: `threads` folds at a time on one BLAS thread
-    each, and a fold left over once the others are done alone with every core (5 folds on 2 cores: two
-    pairs, then one fold on both). Each fold computes the same in every arrangement: the same scores."""
+    """[run(plan) for plan in plans] on `threads` cores. Large runs go to forked processes on one BLAS thread
+    each (itm_parallel, where it is present), since threads of one interpreter hold each other up in the
+    many small steps of an iteration: `threads` at a time, or all at once when there is one fold more
+    than cores (3 folds on 2 cores then take about 3/2 of one fold instead of 2; more processes than
+    that cost more in switching than they gain, bench/bench_itm.py --cost). Otherwise `threads` folds
+    at a time on threads with one BLAS thread each, and a fold left over once the others are done alone
+    with every core. Each fold computes the same in every arrangement: the same scores."""
     threads = min(int(threads), len(plans))
     if threads <= 1:
         return [run(plan) for plan in plans]
+    forked = _forked(run, plans, len(plans) if len(plans) <= threads + 1 else threads)
+    if forked is not None:
+        return forked
+    import concurrent.futures as cf
     full = len(plans) - len(plans) % threads
-    out = _concurrently(run, plans[:full], threads)
-    tail = plans[full:]
-    return out + (_concurrently(run, tail, len(tail)) if len(tail) > 1 else [run(plan) for plan in tail])
+    with _one_blas_thread(), cf.ThreadPoolExecutor(threads) as pool:
+        out = list(pool.map(run, plans[:full]))
+    return out + [run(plan) for plan in plans[full:]]
 
 
 _FORK_WORK = 1 << 24   # training rows × D from which folds run in forked processes, not threads
 
 
-def _concurrently(run, plans, workers):
-    """[run(plan) for plan in plans], `workers` at a time on one BLAS thread each: forked processes
-    (itm_parallel, where it is present) for large runs — threads of one interpreter hold each other up
-    in the many small steps of a training iteration — threads otherwise, and in processes that may
-    not fork (a daemonic pool worker)."""
-    import concurrent.futures as cf
+def _forked(run, plans, workers):
+    """The folds' results from `workers` forked processes, or None where they are not to be used: a small
+    run (threads cost less than starting processes), no itm_parallel beside itm.py, a process that may not
+    fork (a daemonic pool worker) or a platform without fork."""
     import multiprocessing as mp
     work = plans[0].train_idx.size * plans[0].features.shape[1]
-    if run is _fold_run and work >= _FORK_WORK and not mp.current_process().daemon:
-        with contextlib.suppress(ValueError):
-            return _sibling("itm_parallel", "forked folds").fold_runs(plans, workers)
-    with _one_blas_thread(), cf.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(run, plans))
+    if run is not _fold_run or work < _FORK_WORK or mp.current_process().daemon:
+        return None
+    try:
+        return _sibling("itm_parallel", "forked folds").fold_runs(plans, workers)
+    except ValueError:
+        return None
 
 
 def _chance(y):
