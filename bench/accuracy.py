@@ -31,7 +31,7 @@ and the figures from the results it returns. Protocol (every choice is here, and
   (H-score saturates at C − 1 when D ≳ N); ties are reported in the notes.
 * Static priors, which never look at the target features: parameter count (``models.json``), feature
   dimension D (the features' shape), and each model's mean normalised fine-tuned rank on the other
-  targets (leave one target out; only targets with ground truth for that model count).
+  targets (leave one target out; only targets whose truth is complete and has that model count).
 * Bad input: a method that fails on a model (raises, or returns a non-finite score) gets "n/a (reason)"
   for that model and is evaluated on the others, with a note; below ``--min-models`` models it is n/a.
 * Metrics: ``kendall.evaluate`` (τ_w as scipy.stats.weightedtau, Kendall τ-b, Spearman ρ, Rel@1); the
@@ -102,9 +102,10 @@ ABLATION_FOLDS = (1, 2, 3, 4, 5)
 ABLATION_SEEDS = 5
 READING_FIELDS = ("normalize", "c_scale", "shift", "centers", "score_by")   # DESIGN.md §1a
 # DESIGN.md §1d: a reading in which the evolution matters, and the propagation switched off (a reference
-# row: the same training with E⁽ⁿ⁾ = Θ, not ITM, never a candidate of the rule of DESIGN.md §1c)
+# row: the same training with E⁽ⁿ⁾ = Θ, read by h as it was trained, not ITM, never a candidate of the
+# rule of DESIGN.md §1c)
 EVOLUTION_ROWS = {"c_scale=B/Z+score_by=centres": dict(c_scale="B/Z", score_by="centres"),
-                  "n=0": dict(n=0)}
+                  "n=0": dict(n=0, score_by="head")}
 REFERENCE_ROWS = ("n=0",)
 PRESET_TAGS = {"paper": "paper", "authors": "authors' reading, DESIGN.md §1b"}
 SIG_DIGITS = 10       # baseline scores are rounded to this many significant digits before ranking
@@ -128,6 +129,7 @@ class Ablation:
     folds: tuple = ABLATION_FOLDS
     preprocess: tuple | None = None   # None: every choice itm.Config offers
     readings: bool = True
+    presets: bool = True
 
 
 def log(msg):
@@ -218,7 +220,9 @@ def _load_target(path, truth, details):
 
 
 def load_targets(bench_dir, only=None, min_models=Settings.min_models):
-    """([Target], {skipped target: reason}, every ground-truth table) for features/*.npz, in name order."""
+    """([Target], {skipped target: reason}, the ground-truth tables of the priors) for features/*.npz, in
+    name order. The leave-one-target-out prior reads only tables whose truth is complete (a provisional
+    one changes while its runs finish), every table when no completeness is recorded at all."""
     tables, details = read_groundtruth(bench_dir)
     targets, skipped = [], {}
     for path in sorted((Path(bench_dir) / "features").glob("*.npz")):
@@ -233,6 +237,9 @@ def load_targets(bench_dir, only=None, min_models=Settings.min_models):
                                   f"(a target needs {min_models})")
             continue
         targets.append(target)
+    recorded = {t for t in tables if isinstance(details.get(t), dict) and "complete" in details[t]}
+    if recorded:
+        tables = {t: tab for t, tab in tables.items() if t in recorded and details[t]["complete"] is True}
     return targets, skipped, tables
 
 
@@ -724,7 +731,7 @@ def ablation_variants(base, spec, options=None):
         rows.append((f"preprocess={p}", "preprocess", None, lambda p=p: dataclasses.replace(base, preprocess=p)))
     for k in spec.folds:
         rows.append((f"folds={k}", "folds", None, lambda k=k: dataclasses.replace(base, folds=k)))
-    for name, tag in PRESET_TAGS.items():
+    for name, tag in (PRESET_TAGS if spec.presets else {}).items():
         rows.append((f"preset={name}", "preset", tag, lambda name=name: _preset(name, options)))
     if spec.readings:
         for field in READING_FIELDS:
@@ -919,7 +926,8 @@ def parse_args(argv):
       help="folds values of the ablation (default " + ",".join(map(str, ABLATION_FOLDS)) + ")")
     a("--ablation-preprocess", metavar="P,P,...", help="preprocess values of the ablation (default: "
       "every choice of itm.Config)")
-    a("--no-readings", action="store_true", help="ablation without the DESIGN.md §1a reading rows")
+    a("--no-readings", action="store_true", help="ablation without the DESIGN.md §1a and §1d reading rows")
+    a("--no-presets", action="store_true", help="ablation without the preset rows")
     a("--stability-k", type=_count(2), default=Settings.stability_k, metavar="K")
     a("--max-subsets", type=_count(1), default=Settings.max_subsets,
       help="enumerate every k-subset up to this many, else sample")
@@ -999,7 +1007,8 @@ def prepare(args):
     load_model_facts(args.models_json or bench / "models.json")
     names = _split(args.methods)
     ablation = Ablation(tuple(range(args.ablation_seeds)), tuple(args.ablation_folds),
-                        tuple(_split(args.ablation_preprocess) or ()) or None, not args.no_readings)
+                        tuple(_split(args.ablation_preprocess) or ()) or None, not args.no_readings,
+                        not args.no_presets)
     return dict(bench_dir=bench, seeds=tuple(range(args.seeds)), itm_options=itm_options(args.itm),
                 methods=None if names is None else [m for m in names if m not in PRIORS],
                 priors=tuple(PRIORS) if names is None else tuple(m for m in names if m in PRIORS),

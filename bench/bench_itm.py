@@ -300,10 +300,12 @@ BRIEF_SECONDS = 8.0   # the project's brief: one model of the CIFAR-100 shape in
 
 def cost_table(rounds, folds=(1, 2, 3, 4, 5), readings=()):
     """DESIGN.md §1c's cost: seconds to score one model of the CIFAR-100 shape with each fold count (the
-    default reading otherwise) and each extra reading {name: Config overrides}, medians of `rounds`."""
+    default reading otherwise), each preset, and each extra reading (name, Config overrides), medians of
+    `rounds`."""
     F, y = synthetic(*SHAPES["cifar100_r50"])
     itm.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)
     configs = [(f"folds={k}", itm.Config(folds=k)) for k in folds]
+    configs += [(f"preset={p}", itm.preset(p)) for p in ("paper", "authors")]
     configs += [(name, itm.Config(**change)) for name, change in readings]
     lines = ["| Config (the rest: the default) | seconds, CIFAR-100 shape | within the brief (≤ 8 s) |",
              "|---|---|---|"]
@@ -320,7 +322,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="only the CIFAR-100-shaped case")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--cost", action="store_true", help="only DESIGN.md §1c's cost table: one model of the "
-                   "CIFAR-100 shape with folds 1–5 and the §1d readings")
+                   "CIFAR-100 shape with folds 1–5, the presets and the §1d reading")
     args = p.parse_args(argv)
     if args.cost:
         print(cost_table(args.rounds, readings=[("c_scale=B/Z, score_by=centres",

@@ -183,6 +183,9 @@ def glance_words(results):
             top = max(probes, key=probes.get)
             parts.append(f"{'above' if x > probes[top] else 'below'} the best probe, {name(results, top)} "
                          f"({fmt(probes[top])})")
+            follow = _follows(r["mean_score"], {k: res["methods"][k]["scores"] for k in probes})
+            if follow:
+                parts.append(f"its scores follow the probes' (Spearman ρ across models: {follow})")
         if others:
             parts.append(f"{sum(v > x for v in others)} of {len(others)} baselines rank higher")
         c = res.get("noise_ceiling") or {}
@@ -191,6 +194,19 @@ def glance_words(results):
         prov = "" if res.get("complete") else " (truth provisional)"
         lines.append(f"{t}{prov}: " + "; ".join(parts) + ".")
     return ["- " + line for line in lines]
+
+
+def _follows(itm_scores, probe_scores):
+    """"ridge 0.78, ncm 0.71, ...": Spearman ρ between ITM's mean scores and each probe's, over the models
+    both scored."""
+    import kendall
+    cells = []
+    for key, scores in probe_scores.items():
+        common = [m for m in itm_scores if scores.get(m) is not None and math.isfinite(itm_scores[m])]
+        if len(common) >= 3:
+            rho = kendall.spearman_rho([itm_scores[m] for m in common], [scores[m] for m in common])
+            cells.append(f"{key.replace('probe_', '')} {fmt(rho, 2)}")
+    return ", ".join(cells)
 
 
 def rule_table(results):
@@ -514,7 +530,8 @@ def _protocol_notes(results):
              "ITM's first row: the interval of its mean over seeds.",
              "Static priors never look at the target features: parameter count (models.json), feature "
              "dimension D (the features' shape), and 1 − the mean normalised fine-tuned rank (0 = best, "
-             "1 = worst) on the other targets that have ground truth for the model (leave one target out).",
+             "1 = worst) on the other targets whose ground truth is complete and has the model (leave one target "
+             "out; a provisional table is left out).",
              "τ_w is scipy.stats.weightedtau's default (kendall.weighted_tau). Baseline scores are rounded "
              f"to {results['sig_digits']} significant digits before ranking (round-off must not break ties)."]
     spec = results.get("ablation_spec")

@@ -228,18 +228,18 @@ def test_static_priors(first):
     assert t1["prior_params"]["metrics"]["tau_w"] == pytest.approx(
         accuracy.rank_metrics(PARAMS, results["targets"]["t1"]["truth"])["tau_w"])
     assert t1["prior_dim"]["scores"] == {f"m{i}": float(D) for i, (D, _) in enumerate(DIMS)}
-    # leave one target out: t1's prior comes from t2 (m0..m2) and t4 (m0, m1); m3, m4 have none
+    # leave one target out, over the other targets whose truth is complete: only t1's (t2's is provisional,
+    # t4 records no completeness), so t1 itself has no prior and t2's comes from t1
     t2_truth = {"m0": 0.6, "m1": 0.9, "m2": 0.8}
-    t2_ranks = {"m0": 1.0, "m1": 0.0, "m2": 0.5}
-    assert accuracy._normalised_ranks(t2_truth) == t2_ranks
-    t4_ranks = {"m0": 1.0, "m1": 0.0}
-    expect = {m: 1 - np.mean([r[m] for r in (t2_ranks, t4_ranks) if m in r]) for m in t2_ranks}
-    assert t1["prior_loo"]["scores"] == {**expect, "m3": None, "m4": None}
-    assert set(t1["prior_loo"]["errors"]) == {"m3", "m4"}
+    assert accuracy._normalised_ranks(t2_truth) == {"m0": 1.0, "m1": 0.0, "m2": 0.5}
+    assert t1["prior_loo"]["error"] and set(t1["prior_loo"]["scores"].values()) == {None}
     t1_ranks = accuracy._normalised_ranks(dict(zip([f"m{i}" for i in range(5)], TRUTH)))
     assert t1_ranks == {"m0": 0.75, "m1": 1.0, "m2": 0.0, "m3": 0.25, "m4": 0.5}
-    assert t2["prior_loo"]["scores"] == {m: 1 - np.mean([r[m] for r in (t1_ranks, t4_ranks) if m in r])
-                                         for m in t2_truth}
+    assert t2["prior_loo"]["scores"] == {m: 1 - t1_ranks[m] for m in t2_truth}
+    # with no completeness recorded anywhere, every other table counts
+    tables = {"a": {"m0": 0.5, "m1": 0.7}, "b": {"m0": 0.9, "m1": 0.1}}
+    target = accuracy.Target("a", {}, None, tables["a"], None, [])
+    assert accuracy._loo_prior(target, tables)[0] == {"m0": 1.0, "m1": 0.0}
     md = report.render(results)
     assert "n/a (no parameter count in models.json)" in md              # m4's cell in t1's score table
     assert "τ_w etc. on the 4 of 5 models it scored" in md
@@ -391,7 +391,7 @@ def test_ablation_rows(ablated):
     assert rows["folds=2"] == {"group": "folds", "same_as": "default"}
     # a preset keeps its own protocol (folds=1 here despite SMALL's folds=2); other options apply
     assert rows["preset=paper"]["name"] == ("ITM (paper: single 4/5 : 1/5 split, none; iterations=40, "
-                                            "batch_size=32, eval_every=20)")
+                                            "batch_size=32, eval_every=20, c_scale=B, score_by=head)")
     assert rows["preset=authors"]["name"].startswith("ITM (authors' reading, DESIGN.md §1b: ")
     assert rows["folds=1"]["changed"] == {"folds": 1}
     default = results["targets"]["t1"]["methods"]["itm"]
@@ -427,6 +427,18 @@ def test_ablation_without_an_option_is_na(monkeypatch):
     keys = [key for key, *_ in variants]
     assert "c_scale=B2" in keys or "c_scale=B" in keys
     assert f"shift={not itm.Config().shift}" in keys
+
+
+def test_ablation_rows_follow_the_spec():
+    """The rows DESIGN.md §1c's rule takes: the §1d evolution rows with the readings, none of the presets
+    or readings when switched off (its stage B: only the folds)."""
+    base = itm.Config(**SMALL)
+    keys = [k for k, *_ in accuracy.ablation_variants(base, accuracy.Ablation(folds=(1, 2)))]
+    other = ({"head", "centres"} - {base.score_by}).pop()
+    assert {"c_scale=B/Z+score_by=centres", "n=0", f"score_by={other}", "preset=authors"} <= set(keys)
+    only = accuracy.Ablation(folds=(1, 2), preprocess=(base.preprocess,), readings=False, presets=False)
+    assert [k for k, *_ in accuracy.ablation_variants(base, only)] == [
+        "default", f"preprocess={base.preprocess}", "folds=1", "folds=2"]
 
 
 # ------------------------------------------------------------------------------------- README and CLI

@@ -481,10 +481,11 @@ def whole_run(dtype, **kw):
     return plan, (traj, losses), (traj_t, losses_t), one_sample
 
 
-@pytest.mark.parametrize("kw", [dict(c_scale="B/Z", score_by="centres"), dict(n=0)], ids=["centres", "n0"])
+@pytest.mark.parametrize("kw", [dict(c_scale="B/Z", score_by="centres"), dict(n=0, score_by="head")],
+                         ids=["centres", "n0"])
 def test_whole_run_readings_vs_torch(kw):
     """The DESIGN.md §1d readings over a whole run, float64: scoring by the nearest pseudo-cluster centre
-    of E⁽ⁿ⁾ with C = Z·ΘΘᵀ/B, and the propagation switched off (n = 0)."""
+    of E⁽ⁿ⁾ with C = Z·ΘΘᵀ/B (the default), and the propagation switched off (n = 0, scored by h)."""
     plan, (traj, losses), (traj_t, losses_t), one = whole_run("float64", **kw)
     assert np.abs(losses - losses_t).max() / np.abs(losses_t).min() <= 1e-10
     assert all(abs(a - b) <= one + 1e-9 for (_, a), (_, b) in zip(traj, traj_t)), (traj, traj_t)
@@ -799,7 +800,8 @@ def test_cli_json_and_csv(zoo, capsys):
     assert [r["model"] for r in doc["ranking"]] == [name for name, _ in expected]
     for i, (row, (name, r)) in enumerate(zip(doc["ranking"], expected)):
         assert row["rank"] == i + 1 and row["score"] == r.score and row["n"] == r.n
-        assert row["fold_scores"] == r.fold_scores and row["sd"] == r.sd and len(r.fold_scores) == 5
+        assert row["fold_scores"] == r.fold_scores and row["sd"] == r.sd
+        assert len(r.fold_scores) == itm.Config().folds
         assert row["diverged"] is False
         assert [tuple(p) for p in row["trajectory"]] == [tuple(p) for p in r.trajectory]
     with open(out_csv, newline="") as fh:

@@ -161,7 +161,8 @@ GOLDEN = [
 def test_paper_reading_reproduces_fc29bea(golden, reading):
     X, y = blobs(golden["data_seed"], dtype=golden["dtype"])
     opts = {**KW, **golden["overrides"]}
-    cfg = itm.preset("paper", **opts) if reading == "preset" else itm.Config(folds=1, preprocess="none", **opts)
+    cfg = itm.preset("paper", **opts) if reading == "preset" else \
+        itm.Config(folds=1, preprocess="none", c_scale="B", score_by="head", **opts)
     r = itm.itm_score(X, y, cfg)
     assert r.score == golden["score"]
     assert r.n == golden["n"]
@@ -197,7 +198,7 @@ def test_crossfit_folds_partition_stratified_deterministic(k):
 def test_folds_score_every_sample_once_and_train_on_the_rest():
     X, y = blobs(0, n=163)                              # 163 = 5·32 + 3: unequal folds
     scored = []
-    for f in range(5):
+    for f in range(itm.Config().folds):
         plan = itm.make_plan(X, y, itm.Config(**KW), fold=f)
         train, score = np.sort(plan.train_idx), np.sort(plan.score_idx)
         assert np.array_equal(np.union1d(train, score), np.arange(163))
@@ -210,16 +211,35 @@ def test_folds_score_every_sample_once_and_train_on_the_rest():
 def test_result_aggregates_the_folds():
     X, y = blobs(0, n=163)
     r = itm.itm_score(X, y, **KW)
-    assert len(r.fold_scores) == 5 and len(r.fold_n) == 5
+    k = itm.Config().folds
+    assert len(r.fold_scores) == k and len(r.fold_n) == k
     # fold_n is each fold's deparametric n (not a sample count); n is their median; n_scored counts samples
     assert r.n == int(np.median(r.fold_n))
     assert r.n_scored == 163
-    assert r.score == float(np.mean(r.fold_scores))     # unweighted mean over folds (sizes 32 or 33)
+    assert r.score == float(np.mean(r.fold_scores))     # unweighted mean over folds (unequal sizes)
     assert r.sd == float(np.std(r.fold_scores, ddof=1))
-    assert r.chance == 100.0 * np.bincount(y).max() / 163
-    sizes = np.bincount(itm.crossfit_folds(y, 5, np.random.default_rng(0)))
+    sizes = np.bincount(itm.crossfit_folds(y, k, np.random.default_rng(0)))
     for acc, size in zip(r.fold_scores, sizes):         # each fold: correct / its own size, percent
         assert abs(acc * size / 100 - round(acc * size / 100)) < 1e-9
+
+
+def test_chance_is_what_a_model_without_class_information_scores():
+    """Scored by h, chance is the majority rate. Scored by the nearest centre of the evolved embeddings
+    (the default), the propagation pulls each scoring batch towards its own labels' centres, so chance is
+    the higher of the majority rate and what the same scoring step gives random unit rows Θ (seeded, per
+    fold with the fold's own n), and pure noise features score within it."""
+    X, y = blobs(0, n=163)
+    majority = 100.0 * np.bincount(y).max() / 163
+    assert itm.itm_score(X, y, score_by="head", **KW).chance == majority
+    cfg = itm.Config(**KW)
+    assert cfg.score_by == "centres"
+    plans = [itm.make_plan(X, y, cfg, fold=f) for f in range(cfg.folds)]
+    rates = [itm._Model(p).uninformed(np.random.default_rng([cfg.seed, p.fold, 1])) for p in plans]
+    r = itm.itm_score(X, y, cfg)
+    assert r.chance == max(majority, float(np.mean(rates))) and r.chance > majority + 5
+    assert itm.itm_score(X, y, cfg).chance == r.chance                     # seeded
+    noise = np.random.default_rng(4).standard_normal(X.shape)
+    assert itm._at_chance(itm.itm_score(noise, y, cfg)) and not itm._at_chance(r)
 
 
 @pytest.mark.parametrize("folds", [3, 5])
@@ -262,7 +282,7 @@ def test_class_smaller_than_folds_is_scored():
     y[[5, 77]] = 3                                      # class 3: 2 samples, 5 folds
     r = itm.itm_score(X, y, **KW)
     assert math.isfinite(r.score) and not r.diverged and not r.error
-    assert r.n_scored == N and len(r.fold_scores) == 5
+    assert r.n_scored == N and len(r.fold_scores) == itm.Config().folds
     y[77] = 0                                           # a class of one sample cannot be split
     with pytest.raises(ValueError, match="single sample"):
         itm.itm_score(X, y, **KW)
@@ -338,6 +358,9 @@ def test_paper_preset_constant_model_fails_alone_naming_it(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # 5. The uncertainty a user sees.
 
+ZOO_KW = {**KW, "folds": 5}   # the ≈ rule pairs fold scores: five of them, not the default's three
+
+
 def _zoo():
     X, y = blobs(0)
     good, _ = blobs(0, sep=3.0)
@@ -350,8 +373,8 @@ def zoo(tmp_path_factory):
     feats, y = _zoo()
     path = tmp_path_factory.mktemp("zoo") / "zoo.npz"
     np.savez(path, labels=y, **feats)
-    ranking = itm.rank(feats, y, **KW)
-    return path, ranking, cli(*cli_args(path, "--quiet"))
+    ranking = itm.rank(feats, y, **ZOO_KW)
+    return path, ranking, cli(*cli_args(path, "--quiet", "--folds", ZOO_KW["folds"]))
 
 
 def _rows(out):
@@ -397,13 +420,13 @@ def test_noise_model_is_warned_at_chance(zoo):
 
 def test_json_has_fold_scores_and_sd(zoo):
     path, ranking, _ = zoo
-    rc, out, _ = cli(*cli_args(path, "--quiet", "--json"))
+    rc, out, _ = cli(*cli_args(path, "--quiet", "--json", "--folds", ZOO_KW["folds"]))
     assert rc == 0
     doc = json.loads(out)
     rows = {row["model"]: row for row in doc["ranking"]}
     assert set(rows) == {"a", "a_copy", "good", "noise"}
     for name, r in ranking:
-        assert rows[name]["fold_scores"] == r.fold_scores and len(r.fold_scores) == 5
+        assert rows[name]["fold_scores"] == r.fold_scores and len(r.fold_scores) == ZOO_KW["folds"]
         assert rows[name]["sd"] == pytest.approx(np.std(rows[name]["fold_scores"], ddof=1), abs=1e-12)
         assert rows[name]["score"] == pytest.approx(np.mean(rows[name]["fold_scores"]), abs=1e-12)
 
