@@ -1305,6 +1305,7 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()  # the final count is shown once even when tqdm's rate limit skipped it
             self.bar.close()
         elif self.enabled and self.n:
             print(file=sys.stderr)
