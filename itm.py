@@ -69,6 +69,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1210,79 +1211,100 @@ def _score(features, labels, cfg, threads=1):
     that many folds at once, each on one BLAS thread (the folds are independent: the same scores)."""
     start = time.perf_counter()
     data = prepare(np.asarray(features), labels, cfg)
-    plans = [_plan(data, cfg, fold) for fold in range(cfg.folds)]
-    n = [plan.n for plan in plans]
-    runs = _map_folds(_fold_run, plans, threads)
-    for plan, run in zip(plans, runs):
-        if isinstance(run, Diverged):
-            note = f"fold {plan.fold + 1} of {cfg.folds}: {run}" if cfg.folds > 1 else str(run)
+    folds = _map_folds(functools.partial(_fold_run, data, cfg), cfg.folds, threads, _fold_work(data, cfg))
+    n = [fold.n for fold in folds]
+    chance = _chance(data.y, [fold.uninformed for fold in folds])
+    for fold, f in enumerate(folds):
+        if isinstance(f.run, Diverged):
+            note = f"fold {fold + 1} of {cfg.folds}: {f.run}" if cfg.folds > 1 else str(f.run)
             return Result(score=float("nan"), trajectory=[], n=int(np.median(n)),
-                          seconds=time.perf_counter() - start, diverged=True, note=note, fold_n=n,
-                          chance=_chance(data.y, plans, cfg))
+                          seconds=time.perf_counter() - start, diverged=True, note=note, fold_n=n, chance=chance)
+    runs = [f.run for f in folds]
     best = [max(acc for _, acc in trajectory) for trajectory, _ in runs]
     trajectory = [(t, float(np.mean([traj[i][1] for traj, _ in runs]))) for i, (t, _) in enumerate(runs[0][0])]
     return Result(score=float(np.mean(best)), trajectory=trajectory, n=int(np.median(n)),
                   seconds=time.perf_counter() - start, losses=runs[0][1], fold_scores=best,
-                  sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"), chance=_chance(data.y, plans, cfg),
-                  fold_n=n, n_scored=sum(plan.score_idx.size for plan in plans))
+                  sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"), chance=chance,
+                  fold_n=n, n_scored=sum(f.scored for f in folds))
 
 
-def _fold_run(plan):
+@dataclass
+class _Fold:
+    """What one fold's run gives back to _score (from a forked process too, so nothing large)."""
+    n: int                          # its adaptive n
+    scored: int                     # samples in its scoring part
+    run: object                     # train's (trajectory, losses), or the Diverged it raised
+    uninformed: float               # _Model.uninformed's rate (score_by="centres"), else NaN
+
+
+def _fold_run(data, cfg, fold):
+    """One fold from start to end: its plan, its training run, and what features without class
+    information score through the same scoring step. The plan is made here, not in _score, so that
+    folds run at once also build their plans at once."""
+    plan = _plan(data, cfg, fold)
     try:
-        return train(plan)
+        run = train(plan)
     except Diverged as err:
-        return err
+        run = err
+    rate = (_Model(plan).uninformed(np.random.default_rng([cfg.seed, fold, 1])) if cfg.score_by == "centres"
+            else float("nan"))
+    return _Fold(n=plan.n, scored=plan.score_idx.size, run=run, uninformed=rate)
 
 
-def _map_folds(run, plans, threads):
-    """[run(plan) for plan in plans] on `threads` cores. Large runs go to forked processes on one BLAS thread
-    each (itm_parallel, where it is present), since threads of one interpreter hold each other up in the
-    many small steps of an iteration: `threads` at a time, or all at once when there is one fold more
-    than cores (3 folds on 2 cores then take about 3/2 of one fold instead of 2; more processes than
-    that cost more in switching than they gain, bench/bench_itm.py --cost). Otherwise `threads` folds
-    at a time on threads with one BLAS thread each, and a fold left over once the others are done alone
-    with every core. Each fold computes the same in every arrangement: the same scores."""
-    threads = min(int(threads), len(plans))
+def _chance(y, rates):
+    """Percent: what a model without class information scores. The most frequent class's rate (over
+    labelled rows); with score_by="centres" at least the mean over the folds of the rate the scoring step
+    reaches from random Θ (_Model.uninformed, seeded by the run's seed and the fold): the propagation pulls
+    each scoring batch towards its own labels' centres, so such a model scores above the majority rate
+    (DESIGN.md §1d)."""
+    counts = np.bincount(y[y >= 0])
+    majority = 100.0 * counts.max() / counts.sum()
+    return majority if np.isnan(rates).any() else max(majority, float(np.mean(rates)))
+
+
+def _map_folds(run, folds, threads, work):
+    """[run(fold) for fold in range(folds)] on `threads` cores. Large runs (`work`, training rows × D, from
+    _FORK_WORK) go to forked processes on one BLAS thread each (itm_parallel, where it is present), since
+    threads of one interpreter hold each other up in the many small steps of an iteration: `threads` at a
+    time, or all at once when there is one fold more than cores (3 folds on 2 cores then take about 3/2
+    of one fold instead of 2; more processes than that cost more in switching than they gain,
+    bench/bench_itm.py --cost). Otherwise `threads` folds at a time on threads with one BLAS thread each,
+    and a fold left over once the others are done alone with every core. Each fold computes the same in
+    every arrangement: the same scores."""
+    threads = min(int(threads), folds)
     if threads <= 1:
-        return [run(plan) for plan in plans]
-    forked = _forked(run, plans, len(plans) if len(plans) <= threads + 1 else threads)
-    if forked is not None:
-        return forked
+        return [run(fold) for fold in range(folds)]
+    if work >= _FORK_WORK:
+        forked = _forked(run, folds, folds if folds <= threads + 1 else threads)
+        if forked is not None:
+            return forked
     import concurrent.futures as cf
-    full = len(plans) - len(plans) % threads
+    full = folds - folds % threads
     with _one_blas_thread(), cf.ThreadPoolExecutor(threads) as pool:
-        out = list(pool.map(run, plans[:full]))
-    return out + [run(plan) for plan in plans[full:]]
+        out = list(pool.map(run, range(full)))
+    return out + [run(fold) for fold in range(full, folds)]
 
 
 _FORK_WORK = 1 << 24   # training rows × D from which folds run in forked processes, not threads
 
 
-def _forked(run, plans, workers):
-    """The folds' results from `workers` forked processes, or None where they are not to be used: a small
-    run (threads cost less than starting processes), no itm_parallel beside itm.py, a process that may not
-    fork (a daemonic pool worker) or a platform without fork."""
+def _fold_work(data, cfg):
+    """About the training rows × D of one fold: the labelled rows not in it (4/5 with one split)."""
+    share = (cfg.folds - 1) / cfg.folds if cfg.folds > 1 else 0.8
+    return int(np.sum(data.y >= 0) * share) * data.F.shape[1]
+
+
+def _forked(run, folds, workers):
+    """The folds' results from `workers` forked processes, or None where they are not to be used: no
+    itm_parallel beside itm.py, a process that may not fork (a daemonic pool worker) or a platform
+    without fork."""
     import multiprocessing as mp
-    work = plans[0].train_idx.size * plans[0].features.shape[1]
-    if run is not _fold_run or work < _FORK_WORK or mp.current_process().daemon:
+    if mp.current_process().daemon:
         return None
     try:
-        return _sibling("itm_parallel", "forked folds").fold_runs(plans, workers)
+        return _sibling("itm_parallel", "forked folds").fold_runs(run, folds, workers)
     except ValueError:
         return None
-
-
-def _chance(y, plans, cfg):
-    """Percent: what a model without class information scores. The most frequent class's rate (over
-    labelled rows); with score_by="centres" at least the rate the scoring step reaches from random Θ,
-    averaged over the folds: the propagation pulls each scoring batch towards its own labels' centres,
-    so such a model scores above the majority rate (DESIGN.md §1d). Seeded by the run's seed."""
-    counts = np.bincount(y[y >= 0])
-    majority = 100.0 * counts.max() / counts.sum()
-    if cfg.score_by != "centres":
-        return majority
-    rates = [_Model(plan).uninformed(np.random.default_rng([cfg.seed, plan.fold, 1])) for plan in plans]
-    return max(majority, float(np.mean(rates)))
 
 
 # ----------------------------------------------------------------------------------------------------

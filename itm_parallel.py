@@ -36,23 +36,24 @@ def pool_score(name, cfg):
     return itm._score_named(name, _POOL["sets"][name], _POOL["labels"], cfg, _POOL["threads"])
 
 
-def fold_runs(plans, workers):
-    """itm._fold_run of every plan in `workers` forked processes on one BLAS thread each: the plans (and
-    the features they read) are inherited, never pickled; only the trajectories come back."""
+def fold_runs(run, folds, workers):
+    """[run(fold) for fold in range(folds)] in `workers` forked processes on one BLAS thread each: `run`
+    (itm._fold_run with a model's prepared features bound) is inherited, never pickled; only each
+    fold's small result comes back."""
     if "fork" not in mp.get_all_start_methods():
         raise ValueError("no fork on this platform")
-    with fork_pool(workers, _fold_init, (plans,)) as pool:
-        return list(pool.map(_pool_fold, range(len(plans))))
+    with fork_pool(workers, _fold_init, (run,)) as pool:
+        return list(pool.map(_pool_fold, range(folds)))
 
 
-def _fold_init(plans):
-    _POOL.update(plans=plans)
+def _fold_init(run):
+    _POOL.update(run=run)
     if itm.ThreadpoolController is not None:
         _POOL["limit"] = itm.ThreadpoolController().limit(limits=1, user_api="blas")
 
 
-def _pool_fold(i):
-    return itm._fold_run(_POOL["plans"][i])
+def _pool_fold(fold):
+    return _POOL["run"](fold)
 
 
 @contextlib.contextmanager

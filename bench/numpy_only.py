@@ -1,7 +1,7 @@
 """How far the NumPy-only path (ITM_NO_NUMBA=1, or no numba installed) is from the numba path on real
 features: every model of each target scored both ways under one Config (the README's "NumPy-only" line).
 
-    python bench/numpy_only.py [--shared DIR] [--targets flowers17,pneumonia] [--seed 0] [--jobs 2]
+    python bench/numpy_only.py [--shared DIR] [--targets flowers17,cifar10,pneumonia] [--seed 0] [--jobs 2]
 
 The two paths compute the same formulas; they differ only in the order of floating-point sums (numba's
 loops vs NumPy's pairwise and BLAS reductions), so a run can take a different trajectory after many
@@ -43,7 +43,7 @@ def summary_line(target, pairs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-    p.add_argument("--targets", default="flowers17,pneumonia")
+    p.add_argument("--targets", default="flowers17,cifar10,pneumonia")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)

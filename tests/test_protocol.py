@@ -258,7 +258,7 @@ def test_fold_arrangements_give_the_same_scores(folds, monkeypatch):
     calls = []
     fold_runs = itm._sibling("itm_parallel", "test").fold_runs
     monkeypatch.setattr(itm._sibling("itm_parallel", "test"), "fold_runs",
-                        lambda plans, workers: calls.append(len(plans)) or fold_runs(plans, workers))
+                        lambda run, folds, workers: calls.append(folds) or fold_runs(run, folds, workers))
     serial = run(1, 1 << 60)
     assert run(2, 1 << 60) == serial                     # threads
     assert not calls
