@@ -1891,8 +1891,8 @@ def _within_noise(a, b):
 
 
 def _at_chance(r):
-    """Chance level plus noise: the most frequent class's rate plus two binomial standard errors of an
-    accuracy at that rate over the scored samples."""
+    """Chance level plus noise: Result.chance (_chance: what features without class information score)
+    plus two binomial standard errors of an accuracy at that rate over the scored samples."""
     c = r.chance / 100.0
     return not math.isnan(r.score) and r.score <= 100.0 * (c + 2.0 * math.sqrt(c * (1 - c) / max(r.n_scored, 1)))
 
