@@ -1211,21 +1211,21 @@ def _score(features, labels, cfg, threads=1):
     that many folds at once, each on one BLAS thread (the folds are independent: the same scores)."""
     start = time.perf_counter()
     data = prepare(np.asarray(features), labels, cfg)
-    folds = _map_folds(functools.partial(_fold_run, data, cfg), cfg.folds, threads, _fold_work(data, cfg))
-    n = [fold.n for fold in folds]
-    chance = _chance(data.y, [fold.uninformed for fold in folds])
-    for fold, f in enumerate(folds):
-        if isinstance(f.run, Diverged):
-            note = f"fold {fold + 1} of {cfg.folds}: {f.run}" if cfg.folds > 1 else str(f.run)
+    outs = _map_folds(functools.partial(_fold_run, data, cfg), cfg.folds, threads, _fold_work(data, cfg))
+    n = [out.n for out in outs]
+    chance = _chance(data.y, [out.uninformed for out in outs])
+    for fold, out in enumerate(outs):
+        if isinstance(out.run, Diverged):
+            note = f"fold {fold + 1} of {cfg.folds}: {out.run}" if cfg.folds > 1 else str(out.run)
             return Result(score=float("nan"), trajectory=[], n=int(np.median(n)),
                           seconds=time.perf_counter() - start, diverged=True, note=note, fold_n=n, chance=chance)
-    runs = [f.run for f in folds]
+    runs = [out.run for out in outs]
     best = [max(acc for _, acc in trajectory) for trajectory, _ in runs]
     trajectory = [(t, float(np.mean([traj[i][1] for traj, _ in runs]))) for i, (t, _) in enumerate(runs[0][0])]
     return Result(score=float(np.mean(best)), trajectory=trajectory, n=int(np.median(n)),
                   seconds=time.perf_counter() - start, losses=runs[0][1], fold_scores=best,
                   sd=float(np.std(best, ddof=1)) if len(best) > 1 else float("nan"), chance=chance,
-                  fold_n=n, n_scored=sum(f.scored for f in folds))
+                  fold_n=n, n_scored=sum(out.scored for out in outs))
 
 
 @dataclass
