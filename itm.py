@@ -1241,14 +1241,16 @@ def _fold_run(data, cfg, fold):
     """One fold from start to end: its plan, its training run, and what features without class
     information score through the same scoring step. The plan is made here, not in _score, so that
     folds run at once also build their plans at once."""
-    plan = _plan(data, cfg, fold)
+    plan = None
     try:
+        plan = _plan(data, cfg, fold)
         run = train(plan)
-    except Diverged as err:
-        run = err
-    rate = (_Model(plan).uninformed(np.random.default_rng([cfg.seed, fold, 1])) if cfg.score_by == "centres"
-            else float("nan"))
-    return _Fold(n=plan.n, scored=plan.score_idx.size, run=run, uninformed=rate)
+        rate = (_Model(plan).uninformed(np.random.default_rng([cfg.seed, fold, 1]))
+                if cfg.score_by == "centres" else float("nan"))
+    except Diverged as err:          # in the plan, training, scoring, or the chance rate's scoring step
+        run, rate = err, float("nan")
+    return _Fold(n=0 if plan is None else plan.n, scored=0 if plan is None else plan.score_idx.size, run=run,
+                 uninformed=rate)
 
 
 def _chance(y, rates):
@@ -1802,7 +1804,7 @@ def run_cli(prog, body, argv=None):
         with contextlib.suppress(OSError):           # stdout's reader left: don't print to it again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, OSError, KeyError) as err:
+    except (ValueError, TypeError, OSError, KeyError, Diverged) as err:   # Diverged: never a traceback
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 1
 
@@ -1904,7 +1906,16 @@ def _tau(ranking, truth):
     valid = [(r.score, truth[name]) for name, r in ranking if name in truth and not math.isnan(r.score)]
     # τ_w has one implementation, kendall.weighted_tau (scipy's convention, tested against it)
     tau = _sibling("kendall", "--truth").weighted_tau
-    return tau(*zip(*valid)) if len(valid) >= 2 else float("nan")
+    if len(valid) < 2:
+        reason = f"only {len(valid)} of the models with an accuracy has a score (the others diverged or failed)"
+    elif len({score for score, _ in valid}) == 1:
+        reason = f"every model with an accuracy scores {valid[0][0]:.2f}: the scores are tied"
+    elif len({acc for _, acc in valid}) == 1:
+        reason = f"every model has the same fine-tuned accuracy, {valid[0][1]:.4g}"
+    else:
+        return tau(*zip(*valid))
+    print(f"itm: warning: τ_w is undefined (nan): {reason}", file=sys.stderr)
+    return float("nan")
 
 
 def _score_text(r):
@@ -2045,13 +2056,21 @@ def _inputs(args, log):
         models = args.models.split(",") if args.models else None
         feature_sets, labels = load_features(args.features, args.labels, models)
         dataset = dataset_name(args.features)
-        truth = _sibling("kendall", "--truth").load_truth(args.truth, args.target, dataset) if args.truth \
-            else None
-        if truth is not None:
-            _matching_truth(truth, feature_sets, args.truth)
+        truth = _truth(args, dataset, feature_sets) if args.truth else None
     if np.ndim(labels) == 1:
         encode_labels(labels)                            # bad labels fail once, before any model runs
     return feature_sets, labels, truth, dataset
+
+
+def _truth(args, dataset, feature_sets):
+    """The --truth table for these features, checked against the models before any work; a note (stderr,
+    also with --quiet) when it is the only table of a nested file and not named like the dataset."""
+    table, truth = _sibling("kendall", "--truth").truth_table(args.truth, args.target, dataset)
+    if table is not None and table not in (dataset, args.target):
+        print(f"itm: note: --truth {args.truth} has no table {dataset!r}: its only table, {table!r}, is used",
+              file=sys.stderr)
+    _matching_truth(truth, feature_sets, args.truth)
+    return truth
 
 
 def _matching_truth(truth, feature_sets, path):
@@ -2066,10 +2085,16 @@ def _matching_truth(truth, feature_sets, path):
                          f"an accuracy there (it names {names or 'no model'})")
     if matched == 1:
         raise ValueError(f"--truth {path}: only 1 of the {len(feature_sets)} models to rank has an accuracy "
-                         "there; τ_w needs at least 2")
+                         f"there; τ_w needs at least 2 (no accuracy for {_names(missing)})")
     if missing:
         print(f"itm: note: --truth {path} has no accuracy for {len(missing)} of {len(feature_sets)} models "
-              f"({', '.join(missing)}); τ_w is over the other {matched}", file=sys.stderr)
+              f"({_names(missing)}); τ_w is over the other {matched}", file=sys.stderr)
+
+
+def _names(models, most=10):
+    """The models by name, the first `most` of them and how many more."""
+    more = len(models) - most
+    return ", ".join(models[:most]) + (f" and {more} more" if more > 0 else "")
 
 
 if __name__ == "__main__":

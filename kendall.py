@@ -67,7 +67,7 @@ PROG = itm.prog_name("kendall.py", "itm-kendall")  # the name in this CLI's mess
 numba, HAVE_NUMBA = itm.numba, itm.HAVE_NUMBA  # one numba guard (and ITM_NO_NUMBA), in itm.py
 
 __all__ = ["weighted_tau", "kendall_tau", "spearman_rho", "pearson_r", "rel_k", "top1_hit",
-           "evaluate", "stability", "load_truth", "main"]
+           "evaluate", "stability", "load_truth", "truth_table", "main"]
 
 
 def _jit(fn):
@@ -564,23 +564,30 @@ def load_truth(path, target=None, dataset=None):
     """{model: fine-tuned accuracy} from a JSON file that is either that object itself or a ground-truth
     file {target: {model: accuracy}, ...} (metadata entries that are not such tables are ignored): the
     table named `target`; else the one named like `dataset`, where there is one; else the only table."""
+    return truth_table(path, target, dataset)[1]
+
+
+def truth_table(path, target=None, dataset=None):
+    """(name of the table used, or None for a flat file; {model: accuracy}) by load_truth's rules, so that a
+    caller can say which table of a nested file it compares with."""
     doc = _load_json(path, "truth")
     if not isinstance(doc, dict) or not doc:
         raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
     if _is_table(doc):
-        return {k: float(v) for k, v in doc.items()}
+        return None, {k: float(v) for k, v in doc.items()}
     tables = {k: v for k, v in doc.items() if isinstance(v, dict) and v and _is_table(v)}
-    if target is not None:
-        if target not in tables:
-            raise ValueError(f"{path} has no table {target!r} (tables: {', '.join(tables) or 'none'})")
-        return {k: float(v) for k, v in tables[target].items()}
-    if dataset in tables:
-        return {k: float(v) for k, v in tables[dataset].items()}
-    if len(tables) != 1:
-        raise ValueError(f"{path} holds {len(tables)} tables ({', '.join(tables) or 'none'}); "
-                         "name one (--target)" if tables else
-                         f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
-    return {k: float(v) for k, v in next(iter(tables.values())).items()}
+    if not tables:
+        raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}} or "
+                         "{target: {model: accuracy}}; it holds no such table")
+    if target is not None and target not in tables:
+        raise ValueError(f"{path} has no table {target!r} (tables: {', '.join(tables)})")
+    name = target if target is not None else dataset if dataset in tables else None
+    if name is None and len(tables) != 1:
+        raise ValueError(f"{path} holds {len(tables)} tables ({', '.join(tables)}) and none is named "
+                         f"{dataset!r}; pick one with --target NAME" if dataset is not None else
+                         f"{path} holds {len(tables)} tables ({', '.join(tables)}); pick one with --target NAME")
+    name = name if name is not None else next(iter(tables))
+    return name, {k: float(v) for k, v in tables[name].items()}
 
 
 def _is_table(d):
