@@ -267,7 +267,7 @@ def _sym(A):
     return (A + A.T) / 2.0
 
 
-_one_blas_thread = itm._one_blas_thread  # one process-wide BLAS limiter for every module
+_one_blas_thread = itm.one_blas_thread  # one process-wide BLAS limiter for every module
 
 
 def _threads_by_size(func):
@@ -1119,7 +1119,7 @@ def _logsumexp_rows_loop(X):
     return out
 
 
-_logsumexp_rows_numba = itm._njit(_logsumexp_rows_loop)   # None without numba
+_logsumexp_rows_numba = itm.njit(_logsumexp_rows_loop)   # None without numba
 
 
 def _logsumexp_rows(X):
@@ -1822,7 +1822,7 @@ def _cli_executor(args):
     if args.scheduler is not None:
         return itm.make_executor(args.scheduler)
     if args.jobs > 1:
-        return itm._sibling("itm_parallel", "--jobs").fork_pool(args.jobs)
+        return itm.sibling("itm_parallel", "--jobs").fork_pool(args.jobs)
     return contextlib.nullcontext()
 
 

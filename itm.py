@@ -1,67 +1,38 @@
-"""ITM — Implicit Transferability Modeling, in one file.
+"""ITM — Implicit Transferability Modeling, in one file: the method, its API and its command line.
 
-Reference implementation of
+Reference implementation of Zheng, Wang, Zhou, Huang, "Implicit Modeling for Transferability Estimation
+of Vision Foundation Models", NeurIPS 2025. Given the features a pre-trained model produces on a labelled
+downstream dataset, ITM trains a linear map f (D→Z) and a linear head h (Z→K) through the deparametric
+approximation of how the embeddings would evolve under fine-tuning, and scores the model by how well the
+evolved embeddings of held-out samples are classified. Higher score = predicted to fine-tune better.
 
-    Zheng, Wang, Zhou, Huang. "Implicit Modeling for Transferability Estimation of Vision Foundation
-    Models." NeurIPS 2025.
+    import itm
+    result = itm.itm_score(features, labels)      # features N×D, labels N (ints or strings)
+    ranking = itm.rank({"resnet50": f1, "vit_b16": f2}, labels)   # [(name, Result)], best first
 
-Given the features a pre-trained model produces on a labelled downstream dataset, ITM trains two small
-linear layers through the "deparametric" approximation of how the embedding space would evolve under
-fine-tuning (Divide-and-Conquer Variational Approximation, DVA), and scores the model by the accuracy of
-the evolved embeddings on held-out samples. Higher score = the model is predicted to fine-tune better.
-Every point the paper leaves open is fixed in DESIGN.md of the project repository; the choices are repeated below where
-they are made.
+    $ python itm.py --features feats.npz --labels y.npy    # rank every model of the npz
+    $ python itm.py                                        # the bundled example
 
-Usage::
+Notation: N samples, D feature width, K classes, B batch size, Z latent width (= K with one-hot centres),
+n deparametric steps of size η; X a batch of features (B×D, the paper's E_b), Θ = f(X) (B×Z), T the
+batch's pseudo-cluster centres (B×Z), C = s·ΘΘᵀ (B×B), E⁽ⁿ⁾ the evolved embeddings (B×Z).
 
-    import numpy as np, itm
-    result = itm.itm_score(features, labels)          # features N×D, labels N (ints or strings)
-    print(result.score, result.n, result.trajectory)  # percent, adaptive n, [(iteration, accuracy), ...]
-    ranking = itm.rank({"resnet50": f1, "vit_b16": f2}, labels)   # [(name, Result), ...], best first
+The file reads top to bottom as the method:
+  1. Config (the paper's knobs first), the presets, Result.
+  2. Algorithm 2, plain: f, the n steps of Eq. 5, h, the cross-entropy, the gradients, AdamW, training.
+  3. The fast path: the n steps in closed form, one small eigendecomposition instead of n products.
+  4. The other readings: Algorithm 1's inner loop, the authors' code (one variant, chosen once).
+  5. The plan: checked input, preprocessing, split and folds, adaptive n, centres, weights, batches.
+  6. A model's score over its folds.  7. The API: itm_score, rank, score_grid.
+  8. Speed: the BLAS limiter and the numba twins of the hot loops, chosen in one place.
+  9. Input files.  10. The command line.
 
-    $ python itm.py --features feats.npz --labels y.npy      # rank every model in the npz
-    $ python itm.py                                          # the bundled example
-
-Notation used throughout: N samples, D feature width, K classes, B batch size, Z latent width (= K with
-one-hot centres), n the number of deparametric steps; F the features (N×D; the paper's E), X a batch (or
-chunk) of its rows (the paper's E_b), Θ (B×Z) the batch through f, T its targets, E⁽ⁿ⁾ (B×Z) the evolved
-embeddings, C = s·ΘΘᵀ.
-
-The file reads top to bottom as the method: Config and Result; f's normalisation, the propagation and
-h's loss, each forward beside its backward; AdamW; the plan (every random choice of a run); train and
-score; itm_score / rank; then the machinery: one fenced speed section (the BLAS limiter, the numba twins
-of the hot loops), the input files, and the command line.
-
-The propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T, C = ΘΘᵀ/B, is never computed by n matrix products: with
-G = ΘᵀΘ/B and φ(λ) = ((1 − ηλ)ⁿ − 1)/λ the push-through identity gives (I − ηC)ⁿR = R + Θ φ(G) ΘᵀR / B,
-an eigendecomposition of a Z×Z (or, when Z > B, B×B) matrix in float64, and the backward pass goes through
-the matrix function with the Daleckii–Krein formula. The cost is independent of n.
-
-Choices the paper leaves open (DESIGN.md of the project repository), in brief:
-  * Θ's rows are scaled to unit norm (Config.normalize="theta"): read literally, training grows ‖Θ‖
-    until (I − ηC)ⁿ explodes on real features; with unit rows every eigenvalue of C is ≤ 1. The literal
-    reading is normalize="none"; a run whose propagation expands is reported diverged (score NaN).
-  * Cross-fitting (Config.folds = 3): each fold is scored by a run trained on the others, so every
-    sample is scored once; a run's score is its best scoring accuracy (percent) over the checkpoints
-    every eval_every iterations and after the last, the model's the mean over folds. folds=1 is the
-    paper's single stratified, seeded 4/5 : 1/5 split.
-  * C = Z·ΘΘᵀ/B (Config.c_scale="B/Z"): every class direction contracts by about 1 − η per step, as the
-    paper's derivation of adaptive n (A.7, B = 1) assumes; Eq. 4–5's ΘΘᵀ/B gives each of the Z
-    directions 1/Z of that and barely moves the embeddings. Each scoring sample is classified by the
-    nearest pseudo-cluster centre of its evolved embedding (Config.score_by="centres"). These, the fold
-    count and the preprocessing were chosen by DESIGN.md §1c's rule on every benchmark target with
-    complete truth; preset("paper") is Eq. 4–5 read literally with h's logits, on raw features.
-  * Adaptive n (Eq. 9) from the training part; one-hot centres shifted by the features' scalar μ, σ.
-  * Dense input (N×h×w×D features, N×H×W label maps, 255 = ignore) is semantic segmentation: every
-    labelled position is a sample, the split is by image, the score is pixel accuracy (or mean IoU).
-
-Runs with NumPy alone; numba (optional) compiles the fused element-wise kernels on first use
-(`ITM_NO_NUMBA=1` disables it). The NumPy-only path computes the same formulas, summing in other orders,
-so its scores are not always the numba path's: with the default Config on the benchmark's real features,
-all 21 flowers17 scores were identical and all 21 pneumonia scores differed, by up to 1.5 points
-(README, bench/numpy_only.py). threadpoolctl (optional) keeps the small LAPACK calls single-threaded.
-Copied alone, itm.py does everything but --truth (τ_w: kendall.py) and jobs > 1 / --scheduler (forked
-processes and Dask: itm_parallel.py); rank(executor=...) takes any concurrent.futures.Executor.
+Every choice the paper leaves open, and the measurements behind it, is recorded in DESIGN.md of the
+project repository (cited as DESIGN.md §x). NumPy is the only requirement. numba compiles the hot loops
+when present (ITM_NO_NUMBA=1 turns it off; the NumPy path sums in other orders, so a score can differ in
+its last digits or, over a long run, a little more); threadpoolctl keeps small LAPACK calls on one
+thread. Copied alone, itm.py does everything but --truth (kendall.py) and jobs > 1 / --scheduler
+(itm_parallel.py).
 """
 from __future__ import annotations
 
@@ -80,11 +51,11 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-try:  # optional: compiled element-wise kernels
+try:  # optional: compiled element-wise kernels (section 8)
     if os.environ.get("ITM_NO_NUMBA", "") not in ("", "0"):
         raise ImportError("disabled by ITM_NO_NUMBA")
     import numba
@@ -93,27 +64,57 @@ except ImportError:
 HAVE_NUMBA = numba is not None
 USE_NUMBA = HAVE_NUMBA  # read at call time, so tests can compare both paths in one process
 
-try:  # optional: single-threaded BLAS around small LAPACK calls (see _one_blas_thread)
+try:  # optional: single-threaded BLAS around small LAPACK calls (one_blas_thread)
     from threadpoolctl import ThreadpoolController
 except ImportError:
     ThreadpoolController = None
 
-# The public API. Other names without an underscore are the steps of the method (phi, psi,
-# propagate_logits, ...) and the helpers the sibling modules share (check_features, encode_labels,
-# one_line, write_atomic, run_cli, ...): one convention for each concern across the project.
-__all__ = ["Config", "Result", "Plan", "Diverged", "preset", "itm_score", "rank", "score_grid", "make_plan",
-           "train", "make_executor", "load_features", "main"]
+__all__ = [
+    # the API
+    "Config", "Result", "Plan", "Diverged", "preset", "itm_score", "rank", "score_grid", "make_plan", "train",
+    "make_executor", "load_features", "synthetic_zoo", "main",
+    # the steps of the method, in the file's order
+    "theta_and_targets", "propagate_steps", "softmax_ce", "adamw_step", "c_scale_factor", "nearest_centre",
+    "mean_iou", "phi", "psi", "propagate_logits", "propagate_explicit", "propagate_detached",
+    "check_features", "encode_labels", "downsample_labels", "IGNORE", "PREPROCESS", "Preprocessing",
+    "fit_preprocessing", "stratified_split", "crossfit_folds", "split_by_image", "accumulate", "adaptive_n",
+    "distance_sum", "feature_moments", "make_centres", "init_params", "make_batches",
+    # what the project's other modules share (one convention for each concern)
+    "HAVE_NUMBA", "USE_NUMBA", "numba", "njit", "one_blas_thread", "sibling", "cores", "score_model",
+    "dataset_name", "write_atomic", "one_line", "prog_name", "CLIParser", "run_cli", "check_parallel",
+]
 __version__ = "0.1.0"
 
+_TWINS = {}  # reference function name → its numba twin: filled in section 8, the one place twins are chosen
 
-# ----------------------------------------------------------------------------------------------------
-# Config and Result: every knob of the method, in one place (DESIGN.md §1).
 
-PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")
+def _has_twin(reference):
+    """`reference`, called through its numba twin where section 8 gives it one, USE_NUMBA is on (read at
+    call time) and no argument is float16 (numba has no float16 arithmetic on the CPU)."""
+    name = reference.__name__
+
+    @functools.wraps(reference)
+    def call(*args):
+        twin = _TWINS.get(name)
+        if USE_NUMBA and twin is not None and not any(getattr(a, "dtype", None) == np.float16 for a in args):
+            return twin(*args)
+        return reference(*args)
+    call.reference = reference
+    return call
+
+
+# ====================================================================================================
+# 1. Config, presets, Result: every knob of the method in one place (DESIGN.md §1).
+
+PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")   # Config.preprocess, DESIGN.md §0
 
 
 @dataclass(frozen=True)
 class Config:
+    """Every knob of one ITM run, checked when made (a wrong type or value fails here, naming the field).
+    The paper's knobs first, with its defaults (Sec. 4.2); then what it leaves open, chosen by DESIGN.md
+    §1c's rule; then the other readings. preset() names the paper's and the authors' readings."""
+    # Algorithm 2 and Sec. 4.2 of the paper
     iterations: int = field(default=500, metadata={"help": "training iterations T_iter"})
     batch_size: int = field(default=256, metadata={"help": "mini-batch size B"})
     eta: float = field(default=0.01, metadata={"help": "step size η of the deparametric update"})
@@ -128,10 +129,15 @@ class Config:
     n_b: int = field(default=20, metadata={"help": "adaptive n: anchor n_b (Eq. 9)"})
     eta0: float = field(default=0.01, metadata={"help": "adaptive n: η0 (Eq. 9)"})
     dis_b: float = field(default=1.0, metadata={"help": "adaptive n: anchor distance dis_b (Eq. 9)"})
-    centers: str = field(default="onehot", metadata={
-        "help": "pseudo-cluster centres", "choices": ("onehot", "random", "pca", "laplacian")})
+    centres: str = field(default="onehot", metadata={
+        "help": "pseudo-cluster centres (A.8)", "choices": ("onehot", "random", "pca", "laplacian")})
     latent_dim: int | None = field(default=None, metadata={"help": "latent width Z ≥ K (default K)"})
     shift: bool = field(default=True, metadata={"help": "shift centres by the features' μ, σ"})
+    # what the paper leaves open (DESIGN.md §0, §1, §1a, §1c)
+    preprocess: str = field(default="standardize", metadata={
+        "help": "scale-free preprocessing of each model's features (DESIGN.md §0)", "choices": PREPROCESS})
+    folds: int = field(default=3, metadata={
+        "help": "cross-fitting folds k: every sample scored once (1 = the paper's single 4/5 : 1/5 split)"})
     normalize: str = field(default="theta", metadata={
         "help": "unit-norm rows of Θ (DESIGN.md §1a)", "choices": ("theta", "features", "none")})
     c_scale: str = field(default="B/Z", metadata={
@@ -140,10 +146,15 @@ class Config:
     score_by: str = field(default="centres", metadata={
         "help": "score the evolved embeddings by h's logits, or by their nearest pseudo-cluster centre",
         "choices": ("head", "centres")})
+    # the other readings (DESIGN.md §1b, §3)
     mode: str = field(default="closed", metadata={
         "help": "closed-form propagation or Algorithm 1's explicit loop", "choices": ("closed", "explicit")})
     pc_loss: str = field(default="mse", metadata={
         "help": "L_pc of the explicit loop", "choices": ("mse", "mae", "ce")})
+    reading: str = field(default="spec", metadata={
+        "help": "spec, or authors: the authors' code as described (set it with preset('authors'))",
+        "choices": ("spec", "authors")})
+    # the input and the arithmetic
     task: str = field(default="auto", metadata={
         "help": "auto: N×h×w×D features are segmentation, N×D classification",
         "choices": ("auto", "classification", "segmentation")})
@@ -152,39 +163,11 @@ class Config:
     dtype: str = field(default="float32", metadata={
         "help": "dtype of the large products (spectral part is always float64)",
         "choices": ("float32", "float64")})
-    preprocess: str = field(default="standardize", metadata={
-        "help": "scale-free preprocessing of each model's features (DESIGN.md §0)", "choices": PREPROCESS})
-    folds: int = field(default=3, metadata={
-        "help": "cross-fitting folds k: every sample scored once (1 = the paper's single 4/5 : 1/5 split)"})
-    reading: str = field(default="spec", metadata={
-        "help": "spec, or authors: the authors' code as described (set it with preset('authors'))",
-        "choices": ("spec", "authors")})
     seed: int = field(default=0, metadata={"help": "seed of every random choice of a run"})
 
     def __post_init__(self):
         _check_types(self)
-        for name in ("iterations", "batch_size", "eval_every", "n_b", "folds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Config.{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"Config.seed must be ≥ 0, got {self.seed}")
-        if self.latent_dim is not None and self.latent_dim < 1:
-            raise ValueError(f"Config.latent_dim must be ≥ 1 (or None for K), got {self.latent_dim}")
-        for name in ("eta", "lr", "eta0", "dis_b", "adam_eps"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"Config.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.eta0 < 1:
-            raise ValueError(f"Config.eta0 must be in (0, 1), got {self.eta0}")
-        if self.weight_decay < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("Config: weight_decay must be ≥ 0 and beta1, beta2 in [0, 1)")
-        if self.batch_size < 2:
-            raise ValueError("Config.batch_size must be ≥ 2")
-        if self.n is not None and int(self.n) < 0:
-            raise ValueError(f"Config.n must be ≥ 0 (or None for adaptive), got {self.n}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"Config.{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        _check_values(self)
 
 
 def _check_types(cfg):
@@ -209,18 +192,43 @@ def _check_types(cfg):
             raise TypeError(f"Config.{f.name} must be {want}, got {value!r}")
 
 
+def _check_values(cfg):
+    """Every field within its range or its choices; the errors name the field."""
+    for name in ("iterations", "batch_size", "eval_every", "n_b", "folds"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"Config.{name} must be ≥ 1, got {getattr(cfg, name)}")
+    if cfg.seed < 0:
+        raise ValueError(f"Config.seed must be ≥ 0, got {cfg.seed}")
+    if cfg.latent_dim is not None and cfg.latent_dim < 1:
+        raise ValueError(f"Config.latent_dim must be ≥ 1 (or None for K), got {cfg.latent_dim}")
+    for name in ("eta", "lr", "eta0", "dis_b", "adam_eps"):
+        if not float(getattr(cfg, name)) > 0:
+            raise ValueError(f"Config.{name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.eta0 < 1:
+        raise ValueError(f"Config.eta0 must be in (0, 1), got {cfg.eta0}")
+    if cfg.weight_decay < 0 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise ValueError("Config: weight_decay must be ≥ 0 and beta1, beta2 in [0, 1)")
+    if cfg.batch_size < 2:
+        raise ValueError("Config.batch_size must be ≥ 2")
+    if cfg.n is not None and int(cfg.n) < 0:
+        raise ValueError(f"Config.n must be ≥ 0 (or None for adaptive), got {cfg.n}")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ValueError(f"Config.{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
+
+
 def preset(name, **overrides):
     """A named Config: "default" (this implementation), "paper" (the paper's protocol read literally: raw
     features, one 4/5 : 1/5 split, C = ΘΘᵀ/B as Eq. 4–5 write it, scored by h's logits) or "authors" (the
-    authors' code as reviewers and a public
-    port describe it, DESIGN.md §1b: per-dimension standardised features, one detached propagation step
-    (I − 0.5·C)(Θ − T) + T, no shift, a linear learning-rate decay over 10,000 iterations, an unstratified
-    80/20 split, the last incomplete batch kept)."""
+    authors' code as reviewers and a public port describe it, DESIGN.md §1b: per-dimension standardised
+    features, one detached propagation step (I − 0.5·C)(Θ − T) + T, no shift, a linear learning-rate decay
+    over 10,000 iterations, an unstratified 80/20 split, the last incomplete batch kept)."""
     presets = {
         "default": {},
         "paper": dict(preprocess="none", folds=1, c_scale="B", score_by="head"),
         "authors": dict(preprocess="standardize", folds=1, reading="authors", n=1, eta=0.5, shift=False,
-                        centers="onehot", normalize="theta", c_scale="B", mode="closed", score_by="head"),
+                        centres="onehot", normalize="theta", c_scale="B", mode="closed", score_by="head"),
     }
     if name not in presets:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(presets)})")
@@ -229,6 +237,7 @@ def preset(name, **overrides):
 
 @dataclass
 class Result:
+    """One model's score and everything behind it (itm_score, rank)."""
     score: float                    # percent: mean over folds of each fold's best scoring accuracy (NaN if
                                     # diverged)
     trajectory: list                # [(iteration, accuracy % averaged over folds), ...]
@@ -249,10 +258,19 @@ class Diverged(ArithmeticError):
     """The propagation stopped being a contraction (η·λ_max(C) ≥ 2) or produced non-finite values."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# f: A = XW_z + b_z (in _Model), Θ = A/‖A‖ and the targets T = Ê[y]; forward and backward.
+# ====================================================================================================
+# 2. Algorithm 2, plain (DESIGN.md §1 step 5). One training step on a batch X (B×D) with labels y:
+#      Θ = f(X) = normalize_rows(XW_z + b_z),  T = Ê[y]                       (f, the centres)
+#      E⁽ⁿ⁾ = Eq. 5 applied n times: E ← E − ηC(E − T) from E⁽⁰⁾ = Θ, C = s·ΘΘᵀ  (the propagation)
+#      logits = E⁽ⁿ⁾W_h + b_h,  loss = mean cross-entropy(logits, y)           (h)
+#    then the gradients of W_z, b_z, W_h, b_h back through all of it, and one AdamW step. Each forward
+#    sits beside its backward. These functions are the references: section 3 computes the same E⁽ⁿ⁾
+#    without the n products, and section 8 compiles some loops; the tests hold both to these.
 
-def _theta_np(A, centres, y, normalize):
+# -- f: Θ = A/‖A‖ for A = XW_z + b_z (in _Model.evolve), and the targets T = Ê[y] ---------------------
+
+@_has_twin
+def theta_and_targets(A, centres, y, normalize):
     """Θ (rows unit-norm when normalize), the targets T = Ê[y] (B×Z, A's dtype) and the row norms (B)."""
     norms = np.sqrt(np.einsum("bz,bz->b", A, A, dtype=np.float64)) if normalize else np.ones(A.shape[0])
     norms = np.maximum(norms, 1e-12)  # an all-zero row stays zero instead of NaN
@@ -264,19 +282,259 @@ def _theta_backward(dtheta, theta, norms):
     return (dtheta - theta * np.sum(dtheta * theta, axis=1, keepdims=True)) / norms[:, None]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The deparametric propagation E⁽ⁿ⁾ = (I − ηC)ⁿ(Θ − T) + T and its backward pass (DESIGN.md §2).
+# -- the propagation: Eq. 5 n times, and back through the n steps --------------------------------------
 
-# -- f(λ) = (1 − ηλ)ⁿ and its divided differences (the spectral part of the propagation, float64) -----
-# f[a, b] is the first divided difference, f[a, b, 0] the second with one node at 0; φ(λ) = f[λ, 0] and
-# the Daleckii–Krein matrix of φ is Ψ_ij = φ[λ_i, λ_j] = f[λ_i, λ_j, 0]. Written without cancellation:
+def propagate_steps(theta, T, n, eta, s, want_grad=False):
+    """E⁽ⁿ⁾ by n explicit steps E ← E − ηC(E − T) from E⁽⁰⁾ = Θ, C = s·ΘΘᵀ (B×B); with want_grad also
+    dE⁽ⁿ⁾ → dΘ, back through the n steps and through C. O(n·B²·Z): the plain form of the propagation,
+    what mode="explicit" runs (Algorithm 1 with L_pc = MSE is exactly these steps, DESIGN.md §3)."""
+    C = s * (theta @ theta.T)                          # B×B = (B×Z)(Z×B)
+    E, residuals = theta.copy(), []
+    for _ in range(n):
+        residuals.append(E - T)                        # B×Z: E⁽ᵏ⁾ − T
+        E = E - eta * (C @ residuals[-1])              # B×Z = (B×B)(B×Z)
+        if not np.all(np.isfinite(E)):
+            raise Diverged("non-finite values in the explicit propagation")
+    if not want_grad:
+        return E, None
+
+    def backward(dE):
+        dC = np.zeros_like(C)                          # Σ_k dE⁽ᵏ⁺¹⁾(E⁽ᵏ⁾ − T)ᵀ = −dL/dC / η, B×B
+        for R in reversed(residuals):
+            dC += dE @ R.T                             # B×B = (B×Z)(Z×B)
+            w = C @ dE                                 # Cᵀ dE⁽ᵏ⁺¹⁾ (C is symmetric), B×Z = (B×B)(B×Z)
+            dE = dE - eta * w                          # dE⁽ᵏ⁾ = (I − ηC)ᵀ dE⁽ᵏ⁺¹⁾
+        return dE - eta * s * ((dC + dC.T) @ theta)    # + the path through C = sΘΘᵀ, B×Z = (B×B)(B×Z)
+    return E, backward
+
+
+# -- h and its loss: logits = EW_h + b_h, the mean cross-entropy -------------------------------------
+
+def _with_head(E, back, Wh, bh):
+    """h on top of a propagation that forms E: logits and dlogits → (dΘ, dW_h)."""
+    logits = E @ Wh + bh                               # B×K = (B×Z)(Z×K)
+    if back is None:
+        return logits, None
+    # dE = dlogits·W_hᵀ (B×Z), dW_h = Eᵀ·dlogits (Z×K)
+    return logits, lambda dlogits: (back(dlogits @ Wh.T), E.T @ dlogits)
+
+
+def _identity(dE):
+    return dE
+
+
+@_has_twin
+def softmax_ce(logits, y):
+    """Mean cross-entropy of logits (B×K) against labels y (B), and its gradient w.r.t. the logits."""
+    B = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    s = e.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(s[:, 0]) - shifted[np.arange(B), y]))
+    grad = e / s
+    grad[np.arange(B), y] -= 1.0
+    return loss, grad / B
+
+
+# -- AdamW, exactly torch.optim.AdamW (decoupled weight decay, bias-corrected moments) ------------------
+
+@_has_twin
+def _adamw_update(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
+    p *= decay
+    if lerp_low:                                    # torch: exp_avg.lerp_(grad, 1 − β1), both branches
+        m += c1 * (g - m)
+    else:
+        m[...] = g - (g - m) * b1
+    v *= b2
+    v += c2 * g * g
+    p -= step_size * m / (np.sqrt(v) / bc2 + eps)
+
+
+def adamw_step(p, g, m, v, lr, wd, b1, b2, eps, step):
+    """One in-place AdamW step of one tensor with torch.optim.AdamW's arithmetic, in p's dtype (as
+    torch computes a float32 parameter's step in float32)."""
+    c = p.dtype.type                                # every constant in p's dtype
+    _adamw_update(p, g, m, v, c(1.0 - lr * wd), c(1.0 - b1), c(b1), c(1.0 - b2), c(b2),
+                  c(lr / (1.0 - b1 ** step)), c(math.sqrt(1.0 - b2 ** step)), c(eps), 1.0 - b1 < 0.5)
+
+
+# -- one batch through f, the propagation and h; the training loop ---------------------------------------
+
+def c_scale_factor(c_scale, B, Z):
+    """The s of C = s·ΘΘᵀ for a batch of B rows: 1/B (Eq. 4–5), 1/B² (Eq. 3), or Z/B, which puts the
+    mean non-zero eigenvalue of C at 1 for unit rows spread over Z directions, so that each class
+    direction contracts by about 1 − η per step as A.7's derivation (B = 1) assumes (DESIGN.md §1d)."""
+    return {"B": 1.0, "B2": 1.0 / B, "B/Z": float(Z)}[c_scale] / B
+
+
+def _propagation(plan):
+    """The propagation and h of a run, chosen once from its Config (DESIGN.md §1–3): a function
+    (Θ, T, y, W_h, b_h, want_grad) → (logits B×K, dlogits → (dΘ, dW_h) or None). The closed form of
+    section 3 by default; the n plain steps above with mode="explicit"; Algorithm 1 on another L_pc and
+    the authors' detached step (section 4); none at all with n = 0 ((I − ηC)⁰ = I: E = Θ)."""
+    cfg, n, eta = plan.config, plan.n, plan.config.eta
+
+    def s(theta):
+        return c_scale_factor(cfg.c_scale, *theta.shape)
+    if n == 0:
+        return lambda theta, T, y, Wh, bh, grad: _with_head(theta, _identity if grad else None, Wh, bh)
+    own = _READINGS[cfg.reading].propagate
+    if own is not None:
+        return lambda theta, T, y, Wh, bh, grad: _with_head(*own(theta, T, n, eta, s(theta), grad), Wh, bh)
+    if cfg.mode == "closed":
+        return lambda theta, T, y, Wh, bh, grad: propagate_logits(theta, T, n, eta, s(theta), Wh, bh, grad)
+    if cfg.pc_loss == "mse":
+        return lambda theta, T, y, Wh, bh, grad: _with_head(
+            *propagate_steps(theta, T, n, eta, s(theta), grad), Wh, bh)
+    return lambda theta, T, y, Wh, bh, grad: _with_head(*propagate_explicit(
+        theta, T, plan.q[y].astype(theta.dtype), n, eta, s(theta), cfg.pc_loss, grad), Wh, bh)
+
+
+class _Model:
+    """f (D→Z), the propagation, h (Z→K): forward, loss and gradients for one batch; scoring."""
+
+    def __init__(self, plan):
+        self.F, self.plan, self.cfg = plan.features, plan, plan.config
+        self.dtype = np.dtype(self.cfg.dtype)
+        self.propagate = _propagation(plan)
+
+    def batch(self, rows):
+        X = _gather(self.F, rows, self.dtype)                      # B×D
+        if self.cfg.normalize == "features":
+            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        return X
+
+    def evolve(self, params, X, y, want_grad):
+        """logits (B×K) of a batch, Θ, its row norms, and dlogits → (dΘ, dW_h) when want_grad."""
+        Wz, bz, Wh, bh = params
+        A = X @ Wz + bz                                            # B×Z = (B×D)(D×Z), the big product
+        with one_blas_thread():                                    # the rest is small: see _small_products
+            theta, T, norms = theta_and_targets(A, self.plan.centres, y, self.cfg.normalize == "theta")
+            logits, back = self.propagate(theta, T, y, Wh, bh, want_grad)
+            return logits, theta, norms, back
+
+    def loss_and_grads(self, params, rows):
+        X, y = self.batch(rows), self.plan.y[rows]
+        logits, theta, norms, back = self.evolve(params, X, y, True)
+        with one_blas_thread():
+            loss, dlogits = softmax_ce(logits, y)
+            if not math.isfinite(loss):
+                raise Diverged("non-finite training loss")
+            dtheta, dWh = back(dlogits)                            # B×Z, Z×K
+            if self.cfg.normalize == "theta":                      # through Θ = A/‖A‖
+                dtheta = _theta_backward(dtheta, theta, norms)
+            if not np.all(np.isfinite(dtheta)):
+                raise Diverged("non-finite gradients")
+            dA = dtheta.astype(self.dtype, copy=False)
+        dWz = X.T @ dA                                             # D×Z = (D×B)(B×Z), the big product
+        return loss, [dWz, dA.sum(axis=0), dWh, dlogits.sum(axis=0)]
+
+    def predict(self, params):
+        """argmax of the evolved logits over the scoring part, cut into consecutive batches of B, each
+        evolved towards its own labels' centres (DESIGN.md §1 step 6); with score_by="centres" the
+        nearest pseudo-cluster centre of each evolved embedding instead (h with W_h = I, b_h = 0 is
+        E⁽ⁿ⁾ itself)."""
+        rows_all, B = self.plan.score_idx, self.cfg.batch_size
+        by_centres = self.cfg.score_by == "centres"
+        if by_centres:
+            centres = self.plan.centres                                    # K×Z
+            params = [*params[:2], np.eye(centres.shape[1], dtype=self.dtype),
+                      np.zeros(centres.shape[1], dtype=self.dtype)]
+        pred = np.empty(rows_all.size, dtype=np.int64)
+        for start in range(0, rows_all.size, B):
+            rows = rows_all[start:start + B]
+            out = self.evolve(params, self.batch(rows), self.plan.y[rows], False)[0]
+            if not np.all(np.isfinite(out)):
+                raise Diverged("non-finite logits while scoring")
+            pred[start:start + B] = nearest_centre(out, centres) if by_centres else np.argmax(out, axis=1)
+        return pred
+
+    def uninformed(self, rng):
+        """Top-1 accuracy (percent) of the scoring step on random unit rows Θ in place of f's (Gaussian
+        directions: no class information), over the scoring part cut as predict cuts it: through
+        evolve with X = Θ and f, h the identity."""
+        rows_all, B, Z = self.plan.score_idx, self.cfg.batch_size, self.plan.centres.shape[1]
+        eye, zero = np.eye(Z, dtype=self.dtype), np.zeros(Z, dtype=self.dtype)
+        correct = 0
+        for start in range(0, rows_all.size, B):
+            y = self.plan.y[rows_all[start:start + B]]
+            theta = rng.standard_normal((y.size, Z))
+            theta /= np.linalg.norm(theta, axis=1, keepdims=True)
+            E = self.evolve([eye, zero, eye, zero], theta.astype(self.dtype), y, False)[0]
+            correct += int(np.sum(nearest_centre(E, self.plan.centres) == y))
+        return 100.0 * correct / rows_all.size
+
+    def accuracy(self, params):
+        """Top-1 (pixel) accuracy, percent, over the scoring part."""
+        return 100.0 * float(np.mean(self.predict(params) == self.plan.y[self.plan.score_idx]))
+
+    def score(self, params):
+        if self.cfg.metric == "accuracy":
+            return self.accuracy(params)
+        return mean_iou(self.predict(params), self.plan.y[self.plan.score_idx], self.plan.classes.size)
+
+
+def nearest_centre(E, centres):
+    """argmin_k ‖E_i − Ê_k‖² = argmax_k 2 E_i·Ê_k − ‖Ê_k‖² for each row of E (B×Z); B×K = (B×Z)(Z×K)."""
+    return np.argmax(2.0 * (E @ centres.T) - np.einsum("kz,kz->k", centres, centres), axis=1)
+
+
+def mean_iou(pred, y, K):
+    """Mean over classes present in prediction or truth of TP / (TP + FP + FN), percent."""
+    cm = np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
+    tp = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    return 100.0 * float(np.mean(tp[union > 0] / union[union > 0]))
+
+
+def train(plan, callback=None):
+    """Algorithm 2 with AdamW on one plan (make_plan); returns (trajectory, losses).
+    callback(t, loss, params) if given."""
+    cfg, model = plan.config, _Model(plan)
+    with one_blas_thread(_small_products(cfg.batch_size, plan.features.shape[1], plan.centres.shape[1])):
+        return _train_loop(model, plan, cfg, callback)
+
+
+def _train_loop(model, plan, cfg, callback):
+    params = [p.copy() for p in plan.params]
+    moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
+    losses, trajectory = np.empty(cfg.iterations), []
+    lr_at = _READINGS[cfg.reading].lr_at
+    for t in range(1, cfg.iterations + 1):
+        loss, grads = model.loss_and_grads(params, plan.batches[t - 1])
+        losses[t - 1] = loss
+        for p, g, (m, v) in zip(params, grads, moments):
+            adamw_step(p, g, m, v, lr_at(cfg.lr, t), cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.adam_eps, t)
+        if callback is not None:
+            callback(t, loss, params)
+        if t % cfg.eval_every == 0 or t == cfg.iterations:
+            trajectory.append((t, model.score(params)))
+    return trajectory, losses
+
+
+# ====================================================================================================
+# 3. The fast path: the n steps of Eq. 5 in closed form (DESIGN.md §2), the default mode="closed".
+#
+# Each step maps E − T ↦ (I − ηC)(E − T), so E⁽ⁿ⁾ = (I − ηC)ⁿR + T with R = Θ − T. Write
+# p(λ) = (1 − ηλ)ⁿ = 1 + λ·φ(λ), φ(λ) = ((1 − ηλ)ⁿ − 1)/λ (φ(0) = −nη), so (I − ηC)ⁿ = I + C·φ(C). With
+# C = sΘΘᵀ and the push-through identity Θᵀg(sΘΘᵀ) = g(sΘᵀΘ)Θᵀ, C·φ(C) = sΘ·φ(G)·Θᵀ for G = sΘᵀΘ (Z×Z):
+#     E⁽ⁿ⁾ = R + sΘφ(G)ΘᵀR + T = Θ·M,   M = I + s·φ(G)·ΘᵀR   (Z×Z).
+# One float64 eigendecomposition of G per batch gives φ(G), whatever n is, and the logits are Θ(M·W_h):
+# E⁽ⁿ⁾ is never formed. The backward pass goes through the matrix function φ(G) by the Daleckii–Krein
+# formula, whose matrix Ψ holds φ's divided differences. When Z > B the B×B matrix C is the smaller one,
+# and p is applied to its eigenvalues directly. tests/test_itm.py holds both to propagate_steps and to
+# torch autograd through the literal loop.
+
+# -- p(λ) = (1 − ηλ)ⁿ, φ and their divided differences (float64) ----------------------------------------
+# p[a, b] is the first divided difference, p[a, b, 0] the second with one node at 0; φ(λ) = p[λ, 0] and
+# the Daleckii–Krein matrix of φ is Ψ_ij = φ[λ_i, λ_j] = p[λ_i, λ_j, 0]. Written without cancellation:
 # (uᵃ − uᵇ)/(u_a − u_b) = u_bⁿ·expm1(n·log1p(d/u_b))/d is exact to rounding for any d = u_a − u_b ≠ 0.
-# Two thresholds, in units of 1/(nη), shared with the loops of the speed section:
-_SERIES = 0.05  # below it |λ| takes the Taylor series of f[a, b, 0]: it converges by a factor ≤ 0.05 a term
+# Two thresholds, in units of 1/(nη), shared with the loops of section 8:
+_SERIES = 0.05  # below it |λ| takes the Taylor series of p[a, b, 0]: it converges by a factor ≤ 0.05 a term
 _SEP = 1e-2     # pairs further apart divide precomputed values directly: rounding ≤ 2ε/(nη·|Δ|) ≤ 1e-14
 
-def _fdd1_np(a, b, n, eta):
-    """First divided difference f[a, b] of f(λ) = (1 − ηλ)ⁿ, elementwise (f' where a == b)."""
+def _divdiff1(a, b, n, eta):
+    """First divided difference p[a, b] of p(λ) = (1 − ηλ)ⁿ, elementwise (p' where a == b)."""
     ua, ub = 1.0 - eta * a, 1.0 - eta * b
     d = eta * (b - a)                       # = u_a − u_b, without the rounding of 1 − ηλ
     with np.errstate(all="ignore"):
@@ -287,13 +545,13 @@ def _fdd1_np(a, b, n, eta):
     return np.where(d == 0, deriv, out)
 
 
-def _fdd2_np(a, b, n, eta):
-    """Second divided difference f[a, b, 0], elementwise (= φ[a, b]; φ'(a) where a == b)."""
+def _divdiff2(a, b, n, eta):
+    """Second divided difference p[a, b, 0], elementwise (= φ[a, b]; φ'(a) where a == b)."""
     big = np.where(np.abs(a) >= np.abs(b), a, b)
     small = np.where(np.abs(a) >= np.abs(b), b, a)
     with np.errstate(all="ignore"):
-        # f[a,b,0] = (f[a,b] − f[b,0]) / a with |a| the larger node: no cancellation beyond ~2/(nη|a|)
-        far = (_fdd1_np(big, small, n, eta) - _fdd1_np(small, np.zeros_like(small), n, eta)) / big
+        # p[a,b,0] = (p[a,b] − p[b,0]) / a with |a| the larger node: no cancellation beyond ~2/(nη|a|)
+        far = (_divdiff1(big, small, n, eta) - _divdiff1(small, np.zeros_like(small), n, eta)) / big
     # near 0: Σ_{k≥2} C(n,k)(−η)ᵏ h_{k−2}(a, b), h_m(a, b) = Σ_i aⁱ b^{m−i}
     near = np.zeros_like(big)
     h = np.ones_like(big)
@@ -310,25 +568,25 @@ def _fdd2_np(a, b, n, eta):
 def phi(lam, n, eta):
     """φ(λ) = ((1 − ηλ)ⁿ − 1)/λ, φ(0) = −nη, elementwise and without cancellation."""
     lam = np.asarray(lam, dtype=np.float64)
-    return _fdd1_np(lam, np.zeros_like(lam), n, eta)     # φ(λ) = f[λ, 0]
+    return _divdiff1(lam, np.zeros_like(lam), n, eta)     # φ(λ) = p[λ, 0]
 
 
-def _psi_np(lam, n, eta, order):
-    """Daleckii–Krein matrix of f (order 1) or φ (order 2) on the eigenvalues lam: Ψ_ij = g[λ_i, λ_j]."""
+@_has_twin
+def psi(lam, n, eta, order):
+    """Daleckii–Krein matrix of p (order 1) or φ (order 2) on the eigenvalues lam: Ψ_ij = g[λ_i, λ_j],
+    g = p or φ."""
     vals = (1.0 - eta * lam) ** n if order == 1 else phi(lam, n, eta)
     a, b = lam[:, None], lam[None, :]
     with np.errstate(all="ignore"):
         out = (vals[:, None] - vals[None, :]) / (a - b)
     i, j = np.nonzero(np.abs(a - b) <= _SEP / (n * eta))   # near-equal pairs (the diagonal among them)
-    out[i, j] = (_fdd1_np if order == 1 else _fdd2_np)(lam[i], lam[j], n, eta)
+    out[i, j] = (_divdiff1 if order == 1 else _divdiff2)(lam[i], lam[j], n, eta)
     return out
 
 
-# -- the small eigendecomposition: float64, on one BLAS thread -----------------------------------------
-
 def _eigh(S, eta):
     """Eigendecomposition of the small symmetric matrix in float64, on one BLAS thread."""
-    with _one_blas_thread():
+    with one_blas_thread():
         lam, V = np.linalg.eigh(S.astype(np.float64))
     if not np.all(np.isfinite(lam)):
         raise Diverged("non-finite values in the propagation")
@@ -337,7 +595,7 @@ def _eigh(S, eta):
     return lam, V
 
 
-# -- the closed form (Z ≤ B: through G = s·ΘᵀΘ; Z > B: through C) and h on top -------------------------
+# -- the closed form (Z ≤ B: through G = s·ΘᵀΘ; Z > B: through C) and h on top ------------------------
 
 def propagate_logits(theta, T, n, eta, scale, Wh, bh, want_grad=False):
     """The closed-form propagation and h: logits = E⁽ⁿ⁾W_h + b_h (B×K); with want_grad also
@@ -370,17 +628,17 @@ class _Gram:
         self.lam, self.V = _eigh(s * (theta.T @ theta), eta)   # G, Z×Z = (Z×B)(B×Z)
         self.R = theta - T
         self.ThR = (theta.T @ self.R).astype(np.float64)       # ΘᵀR, Z×Z = (Z×B)(B×Z)
-        with _one_blas_thread():
-            self.P = (self.V * phi(self.lam, n, eta)) @ self.V.T   # φ(G), Z×Z = (Z×Z)(Z×Z)
-            self.M = s * (self.P @ self.ThR)                   # Z×Z = (Z×Z)(Z×Z)
+        with one_blas_thread():
+            self.Phi = (self.V * phi(self.lam, n, eta)) @ self.V.T   # φ(G), Z×Z = (Z×Z)(Z×Z)
+            self.M = s * (self.Phi @ self.ThR)                   # Z×Z = (Z×Z)(Z×Z)
             self.M.flat[::self.M.shape[0] + 1] += 1.0      # + I, on a strided view of the diagonal
 
     def dtheta(self, dE_Mt, dM):
         """dΘ (B×Z) from dE·Mᵀ (B×Z, the path E = ΘM) and dM (Z×Z, float64)."""
         s, V, dt = self.s, self.V, self.theta.dtype
-        with _one_blas_thread():
+        with one_blas_thread():
             dP = s * (dM @ self.ThR.T)                 # Z×Z = (Z×Z)(Z×Z)
-            dThR = s * (self.P @ dM)                   # Z×Z = (Z×Z)(Z×Z)
+            dThR = s * (self.Phi @ dM)                   # Z×Z = (Z×Z)(Z×Z)
             dG = V @ ((V.T @ dP @ V) * psi(self.lam, self.n, self.eta, 2)) @ V.T   # Daleckii–Krein, Z×Z
             dZZ = dThR + s * (dG + dG.T)               # through R = Θ − T and G = s·ΘᵀΘ, Z×Z
         # B×Z = (B×Z)(Z×Z) twice; the last term is the path through ΘᵀR
@@ -388,11 +646,11 @@ class _Gram:
 
 
 def _propagate_kernel(theta, T, n, eta, s, want_grad):
-    """Z > B: E⁽ⁿ⁾ = (I − ηC)ⁿR + T with f on the eigenvalues of C (B×B); backward by Daleckii–Krein."""
+    """Z > B: E⁽ⁿ⁾ = (I − ηC)ⁿR + T with p on the eigenvalues of C (B×B); backward by Daleckii–Krein."""
     dt = theta.dtype
     C = s * (theta @ theta.T)                          # B×B = (B×Z)(Z×B)
     mu, U = _eigh(C, eta)
-    with _one_blas_thread():
+    with one_blas_thread():
         Cn = (U * (1.0 - eta * mu) ** n) @ U.T         # (I − ηC)ⁿ, B×B = (B×B)(B×B)
     R = theta - T
     E = Cn.astype(dt) @ R + T                          # B×Z = (B×B)(B×Z)
@@ -401,46 +659,16 @@ def _propagate_kernel(theta, T, n, eta, s, want_grad):
 
     def backward(dE):
         dCn = (dE @ R.T).astype(np.float64)            # B×B = (B×Z)(Z×B)
-        with _one_blas_thread():
+        with one_blas_thread():
             dC = U @ ((U.T @ dCn @ U) * psi(mu, n, eta, 1)) @ U.T   # Daleckii–Krein, B×B
         return Cn.astype(dt) @ dE + (s * (dC + dC.T)).astype(dt) @ theta   # B×Z = (B×B)(B×Z)
     return E, backward
 
 
-def _identity(dE):
-    return dE
-
-
-def _with_head(E, back, Wh, bh):
-    """h on top of a propagation that forms E: logits and dlogits → (dΘ, dW_h)."""
-    logits = E @ Wh + bh                               # B×K = (B×Z)(Z×K)
-    if back is None:
-        return logits, None
-    # dE = dlogits·W_hᵀ (B×Z), dW_h = Eᵀ·dlogits (Z×K)
-    return logits, lambda dlogits: (back(dlogits @ Wh.T), E.T @ dlogits)
-
-
-# -- the other readings: the authors' detached step, Algorithm 1's explicit loop -----------------------
-
-def propagate_detached(theta, T, n, eta, scale, want_grad=False):
-    """The authors' reading (DESIGN.md §1b): E = (I − ηC)ⁿ(Θ − T) + T with C = s·ΘΘᵀ held constant in
-    the backward pass (built from a detached Θ), so dΘ = ((I − ηC)ⁿ)ᵀ dE. n is 1 there; n small steps
-    cost O(n·B²·Z)."""
-    C = scale * (theta @ theta.T)                      # B×B = (B×Z)(Z×B)
-    R = theta - T
-    for _ in range(n):
-        R = R - eta * (C @ R)                          # B×Z = (B×B)(B×Z)
-    if not np.all(np.isfinite(R)):
-        raise Diverged("non-finite values in the propagation")
-    if not want_grad:
-        return R + T, None
-
-    def backward(dE):
-        for _ in range(n):
-            dE = dE - eta * (C @ dE)                   # B×Z = (B×B)(B×Z); C symmetric: Cᵀ = C
-        return dE
-    return R + T, backward
-
+# ====================================================================================================
+# 4. The other readings. Algorithm 1's inner loop on another L_pc (DESIGN.md §3), and the authors' code
+#    as described (DESIGN.md §1b): one variant, chosen once by Config.reading through _READINGS and
+#    _propagation, never tested along the core path.
 
 def _pc_grad(E, T, q, pc_loss):
     """∇_E L_pc for the explicit loop, and what its Jacobian needs (softmax rows for CE)."""
@@ -487,45 +715,58 @@ def propagate_explicit(theta, T, q, n, eta, scale, pc_loss="mse", want_grad=Fals
     return E, backward
 
 
-# ----------------------------------------------------------------------------------------------------
-# h's loss: softmax cross-entropy, and its gradient.
+def propagate_detached(theta, T, n, eta, scale, want_grad=False):
+    """The authors' reading (DESIGN.md §1b): E = (I − ηC)ⁿ(Θ − T) + T with C = s·ΘΘᵀ held constant in
+    the backward pass (built from a detached Θ), so dΘ = ((I − ηC)ⁿ)ᵀ dE. n is 1 there; n small steps
+    cost O(n·B²·Z)."""
+    C = scale * (theta @ theta.T)                      # B×B = (B×Z)(Z×B)
+    R = theta - T
+    for _ in range(n):
+        R = R - eta * (C @ R)                          # B×Z = (B×B)(B×Z)
+    if not np.all(np.isfinite(R)):
+        raise Diverged("non-finite values in the propagation")
+    if not want_grad:
+        return R + T, None
 
-def _softmax_ce_np(logits, y):
-    """Mean cross-entropy of logits (B×K) against labels y (B), and its gradient w.r.t. the logits."""
-    B = logits.shape[0]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    s = e.sum(axis=1, keepdims=True)
-    loss = float(np.mean(np.log(s[:, 0]) - shifted[np.arange(B), y]))
-    grad = e / s
-    grad[np.arange(B), y] -= 1.0
-    return loss, grad / B
-
-
-# ----------------------------------------------------------------------------------------------------
-# AdamW, exactly torch.optim.AdamW (decoupled weight decay, bias-corrected moments).
-
-def _adamw_np(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
-    p *= decay
-    if lerp_low:                                    # torch: exp_avg.lerp_(grad, 1 − β1), both branches
-        m += c1 * (g - m)
-    else:
-        m[...] = g - (g - m) * b1
-    v *= b2
-    v += c2 * g * g
-    p -= step_size * m / (np.sqrt(v) / bc2 + eps)
+    def backward(dE):
+        for _ in range(n):
+            dE = dE - eta * (C @ dE)                   # B×Z = (B×B)(B×Z); C symmetric: Cᵀ = C
+        return dE
+    return R + T, backward
 
 
-def adamw_step(p, g, m, v, lr, wd, b1, b2, eps, step):
-    """One in-place AdamW step of one tensor with torch.optim.AdamW's arithmetic, in p's dtype (as
-    torch computes a float32 parameter's step in float32)."""
-    c = p.dtype.type                                # every constant in p's dtype
-    _adamw(p, g, m, v, c(1.0 - lr * wd), c(1.0 - b1), c(b1), c(1.0 - b2), c(b2),
-           c(lr / (1.0 - b1 ** step)), c(math.sqrt(1.0 - b2 ** step)), c(eps), 1.0 - b1 < 0.5)
+@dataclass(frozen=True)
+class _Reading:
+    """What a reading fixes of the protocol, looked up once per run (Config.reading)."""
+    std_floor: float | None         # standardisation: clamp each std from below (None: a constant column → 0)
+    split: Callable                 # (y, rng) → (train rows, score rows): the single split of folds=1
+    keep_last: bool                 # keep each epoch's last, incomplete batch
+    lr_at: Callable                 # (lr, iteration t ≥ 1) → AdamW's learning rate at t
+    propagate: Callable | None      # its own propagation (Θ, T, n, η, s, want_grad) → (E, backward), or None
 
 
-# ----------------------------------------------------------------------------------------------------
-# The plan: every random choice of a run, drawn before training from the checked input.
+def _unstratified_split(y, rng):
+    """The authors' split: a random 4/5 trains and 1/5 scores, classes not stratified."""
+    order = rng.permutation(y.size)
+    m = int(round(y.size / 5))
+    return order[m:], order[:m]
+
+
+def _linear_decay(lr, t):
+    """torch's PolynomialLR(total_iters=10,000, power 1), as the authors' code schedules AdamW."""
+    return lr * (1.0 - min(t - 1, 10_000) / 10_000)
+
+
+_READINGS = {
+    "spec": _Reading(std_floor=None, split=lambda y, rng: stratified_split(y, rng), keep_last=False,
+                     lr_at=lambda lr, t: lr, propagate=None),
+    "authors": _Reading(std_floor=1e-6, split=_unstratified_split, keep_last=True, lr_at=_linear_decay,
+                        propagate=propagate_detached),
+}
+
+
+# ====================================================================================================
+# 5. The plan: every random choice of a run, drawn before training from the checked input.
 
 # -- checked input: features, labels, dense label maps -------------------------------------------------
 
@@ -539,7 +780,7 @@ def check_features(F, ndim=2, what="features"):
         raise ValueError(f"{what} must be {want}, got shape {F.shape}")
     if F.dtype.kind not in "fiub":
         raise ValueError(f"{what} must be numeric, got dtype {F.dtype}")
-    rows = as_rows(F)
+    rows = _as_rows(F)
     if rows.shape[0] < 2 or rows.shape[1] < 1:
         raise ValueError(f"{what} must have at least 2 samples and 1 dimension, got shape {F.shape}")
     for s in (_slices(*rows.shape) if F.dtype.kind == "f" else ()):   # integers are always finite
@@ -555,7 +796,7 @@ def check_features(F, ndim=2, what="features"):
     return F
 
 
-def as_rows(features):
+def _as_rows(features):
     """Dense features N×h×w×D as (N·h·w)×D, one row per position (a view when contiguous)."""
     return features.reshape(-1, features.shape[-1]) if features.ndim == 4 else features
 
@@ -628,7 +869,7 @@ def downsample_labels(maps, h, w):
     return out.reshape(N, h, w)
 
 
-def dense_samples(features, maps):
+def _dense_samples(features, maps):
     """Dense input as samples: labels of every position (−1 where ignored), the classes, and the image
     of every position. Features N×h×w×D, label maps N×H×W."""
     F = check_features(features, ndim=4)
@@ -666,13 +907,13 @@ def _stream(F, rows, y, dtype):
     cls = np.full(F.shape[0], -1, dtype=np.int64)
     cls[rows] = y[rows]
     for s in _slices(*F.shape):
-        yield convert(F[s], dtype), cls[s]
+        yield _convert(F[s], dtype), cls[s]
 
 
 _F16 = []  # float16 → float32 lookup table (65,536 entries, 256 KB), built on first use
 
 
-def convert(X, dtype):
+def _convert(X, dtype):
     """X as dtype (no copy when it already is). float16 (what extract.py writes) goes through a lookup
     table: exact, and faster than astype."""
     if X.dtype == np.float16:
@@ -684,9 +925,9 @@ def convert(X, dtype):
     return X.astype(dtype, copy=False)
 
 
-def gather(F, rows, dtype):
+def _gather(F, rows, dtype):
     """F[rows] as dtype."""
-    return convert(F[rows], dtype)
+    return _convert(F[rows], dtype)
 
 
 def _work_dtype(F):
@@ -694,16 +935,16 @@ def _work_dtype(F):
 
 
 @dataclass(frozen=True)
-class Prep:
+class Preprocessing:
     """x ↦ (x − c)·s for every row (c: D or None; s: a scalar or D), then unit L2 norm if unit_rows."""
     c: np.ndarray | None
     s: np.ndarray | float
     unit_rows: bool = False
 
 
-def preprocessing(F, kind, std_floor=None, rows=None):
-    """The Prep that makes features F (N×D) scale-free, from two streaming passes over all N rows (the
-    labels are not used): "rms" divides by the root-mean-square row norm, "center_rms" centres first,
+def fit_preprocessing(F, kind, std_floor=None, rows=None):
+    """The Preprocessing that makes features F (N×D) scale-free, from two streaming passes over all N rows
+    (the labels are not used): "rms" divides by the root-mean-square row norm, "center_rms" centres first,
     "standardize" gives every dimension mean 0 and std 1 (a constant dimension contributes 0; std_floor,
     if given, clamps the std from below instead, as the authors' code does), "unit_rows" scales every row
     to norm 1. rows, if given, limits the statistics to those rows (segmentation: labelled positions).
@@ -713,14 +954,14 @@ def preprocessing(F, kind, std_floor=None, rows=None):
     N, D = (F.shape[0] if rows is None else rows.size), F.shape[1]
     pieces = (lambda: (F[s] for s in _slices(*F.shape))) if rows is None else \
         (lambda: (F[r] for r in _chunks(rows, D)))
-    amax = max(float(np.max(np.abs(convert(X, _work_dtype(F))))) for X in pieces())
+    amax = max(float(np.max(np.abs(_convert(X, _work_dtype(F))))) for X in pieces())
     if amax == 0.0:
         raise ValueError("features are all zero")
     p = math.ldexp(1.0, -math.frexp(amax)[1])              # exact power of two: F·p has |entries| < 1
-    x0 = convert(next(pieces())[:1], np.float64)[0] * p
+    x0 = _convert(next(pieces())[:1], np.float64)[0] * p
     s1, s2, sq = np.zeros(D), np.zeros(D), 0.0
     for X in pieces():
-        X = convert(X, np.float64) * p                       # chunk×D
+        X = _convert(X, np.float64) * p                       # chunk×D
         sq += float(np.einsum("nd,nd->", X, X))
         X -= x0
         s1 += X.sum(axis=0)
@@ -732,45 +973,40 @@ def preprocessing(F, kind, std_floor=None, rows=None):
     if kind == "none":                                   # checked all the same: never a silent chance score
         return None
     if kind == "rms":
-        return Prep(None, p / math.sqrt(sq / N))
+        return Preprocessing(None, p / math.sqrt(sq / N))
     if kind == "unit_rows":
-        return Prep(None, p, True)
+        return Preprocessing(None, p, True)
     if kind == "center_rms":
-        return Prep(mean / p, p / math.sqrt(float(var.sum())))
+        return Preprocessing(mean / p, p / math.sqrt(float(var.sum())))
     std = np.sqrt(var)
     if std_floor is not None:
-        return Prep(mean / p, 1.0 / np.maximum(std / p, std_floor))
-    return Prep(mean / p, np.where(std > 1e-12 * std.max(), p / np.where(std > 0, std, 1.0), 0.0))
+        return Preprocessing(mean / p, 1.0 / np.maximum(std / p, std_floor))
+    return Preprocessing(mean / p, np.where(std > 1e-12 * std.max(), p / np.where(std > 0, std, 1.0), 0.0))
 
 
-class _Prepared:
-    """Features as f sees them: rows of F (N×D) read through a Prep, in float32 (float64 for float64
-    features, so that the affine map runs before any narrowing and × 1e200 cannot overflow)."""
+class _Preprocessed:
+    """Features as f sees them: rows of F (N×D) read through a Preprocessing, in float32 (float64 for
+    float64 features, so that the affine map runs before any narrowing and × 1e200 cannot overflow)."""
 
-    def __init__(self, F, prep):
-        self.F, self.prep = F, prep
+    def __init__(self, F, preprocessing):
+        self.F, self.preprocessing = F, preprocessing
         self.shape, self.ndim = F.shape, 2
         self.dtype = np.dtype(_work_dtype(F))
-        self._c = None if prep.c is None else prep.c.astype(self.dtype)
-        self._s = np.asarray(prep.s, dtype=self.dtype)
+        self._c = None if preprocessing.c is None else preprocessing.c.astype(self.dtype)
+        self._s = np.asarray(preprocessing.s, dtype=self.dtype)
 
     def __getitem__(self, rows):
-        X = convert(self.F[rows], self.dtype)                # rows×D (a view for a float32 slice)
+        X = _convert(self.F[rows], self.dtype)                # rows×D (a view for a float32 slice)
         # in place where X is a copy: fresh rows×D temporaries per batch cost more than the arithmetic
         out = None if np.may_share_memory(X, self.F) else X
         if self._c is not None:
             X = np.subtract(X, self._c, out=out)
             out = X
         X = np.multiply(X, self._s, out=out)
-        if self.prep.unit_rows:                          # row norms, rows
+        if self.preprocessing.unit_rows:                          # row norms, rows
             X /= np.maximum(np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64)), 1e-300)[:, None] \
                 .astype(self.dtype)
         return X
-
-
-def prepared(F, prep):
-    """F read through prep (F itself when prep is None)."""
-    return F if prep is None else _Prepared(F, prep)
 
 
 # -- which rows train and which score: the split, the folds --------------------------------------------
@@ -813,18 +1049,19 @@ def split_by_image(y, image, rng):
 
 # -- adaptive n (Eq. 9) and the centres' shift: one pass for moments and class sums, one for distances
 
-def training_stats(F, rows, y, K):
+def _training_stats(F, rows, y, K):
     """One pass over F: for the rows `rows`, class sums (K×D) and per-dimension Σ(x − x₀), Σ(x − x₀)² (D),
     x₀ = the first of them (shifting keeps Σx² − (Σx)²/N well-conditioned)."""
     D = F.shape[1]
     sums, s1, s2 = np.zeros((K, D)), np.zeros(D), np.zeros(D)
-    x0 = gather(F, rows[:1], np.float64)[0]
+    x0 = _gather(F, rows[:1], np.float64)[0]
     for X, cls in _stream(F, rows, y, _work_dtype(F)):
         accumulate(X, cls, sums, s1, s2, x0)
     return sums, s1, s2, x0
 
 
-def _accumulate_np(X, yc, sums, s1, s2, x0):
+@_has_twin
+def accumulate(X, yc, sums, s1, s2, x0):
     """Add the rows of a chunk X (rows×D) whose class yc is ≥ 0 to the class sums (K×D) and to the
     moments around x₀ (D); rows of class −1 are skipped."""
     order = np.argsort(yc, kind="stable")
@@ -842,7 +1079,7 @@ def _accumulate_np(X, yc, sums, s1, s2, x0):
 def adaptive_n(F, rows, y, K, cfg, stats=None):
     """Eq. 9: n = ⌈log_{1−η0}(dis_b / dis)⌉ + n_b, dis = mean distance to the own class mean after
     per-dimension standardisation (a dimension with std 0 contributes 0); clamped to n ≥ 1."""
-    sums, s1, s2, _ = stats if stats is not None else training_stats(F, rows, y, K)
+    sums, s1, s2, _ = stats if stats is not None else _training_stats(F, rows, y, K)
     N = rows.size
     std = np.sqrt(np.maximum(s2 / N - (s1 / N) ** 2, 0.0))
     inv_std = np.where(std > 1e-12 * (1.0 + np.abs(sums.sum(0) / N)), 1.0 / np.where(std > 0, std, 1), 0)
@@ -854,7 +1091,8 @@ def adaptive_n(F, rows, y, K, cfg, stats=None):
     return max(int(n), 1), dis
 
 
-def _distance_sum_np(X, yc, means, inv_std):
+@_has_twin
+def distance_sum(X, yc, means, inv_std):
     """Σ over rows of class ≥ 0 of ‖(x − μ_y) / σ‖ — the standardisation's mean cancels in the
     difference."""
     keep = yc >= 0
@@ -862,8 +1100,8 @@ def _distance_sum_np(X, yc, means, inv_std):
     return float(np.sqrt(np.einsum("nd,nd->n", Xd, Xd)).sum())
 
 
-def moments_from_stats(s1, s2, x0, N):
-    """Scalar mean and std of all N×D entries from training_stats' shifted per-dimension sums."""
+def _moments_from_stats(s1, s2, x0, N):
+    """Scalar mean and std of all N×D entries from _training_stats' shifted per-dimension sums."""
     count = N * x0.size
     mu = (s1.sum() + N * x0.sum()) / count
     c = x0 - mu                                         # Σ(x − μ)² = s2 + 2c·s1 + N·c², per dimension
@@ -874,7 +1112,7 @@ def feature_moments(F, rows, normalize_rows):
     """Scalar mean and std of all entries of F[rows] as f sees them (rows L2-normalised if asked)."""
     def pieces():
         for r in _chunks(rows, F.shape[1]):
-            X = gather(F, r, np.float64)
+            X = _gather(F, r, np.float64)
             if normalize_rows:
                 X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
             yield X
@@ -946,9 +1184,9 @@ class Plan:
     params: list                    # initial [W_z (D×Z), b_z (Z), W_h (Z×K), b_h (K)]
     batches: object                 # iterations×B row indices into F (a list when batch sizes vary)
     dis: float                      # adaptive-n distance (NaN when n was given)
-    prep: Prep | None = None        # how f reads the features (None: raw)
+    preprocessing: Preprocessing | None = None        # how f reads the features (None: raw)
     fold: int = 0                   # which of Config.folds this run scores
-    features: object = field(default=None, repr=False)  # the rows f reads (N×D, through prep)
+    features: object = field(default=None, repr=False)  # the rows f reads (N×D, through preprocessing)
     config: Config | None = None    # the resolved Config of the run
 
 
@@ -960,21 +1198,21 @@ def _is_dense(features, cfg):
 
 
 @dataclass
-class _Data:
+class _Input:
     """A model's checked input, shared by the runs of all its folds."""
-    F: object                       # the features as f reads them (rows, through prep), N×D
+    F: object                       # the features as f reads them (rows, through preprocessing), N×D
     y: np.ndarray                   # class index of every row, −1 = unlabelled position
     classes: np.ndarray
     image: np.ndarray | None        # segmentation: the image of every row
-    prep: Prep | None
+    preprocessing: Preprocessing | None
     fold_of: np.ndarray | None      # cross-fitting: the fold of every row (of every image when dense)
 
 
-def prepare(features, labels, cfg):
+def _model_input(features, labels, cfg):
     """Check one model's input, encode its labels, fix its preprocessing and its folds."""
     if _is_dense(features, cfg):
-        y, classes, image = dense_samples(features, labels)
-        F, N = as_rows(np.asarray(features)), int(np.sum(y >= 0))
+        y, classes, image = _dense_samples(features, labels)
+        F, N = _as_rows(np.asarray(features)), int(np.sum(y >= 0))
     else:
         F = check_features(features)
         y, classes = encode_labels(labels, F.shape[0])
@@ -987,8 +1225,8 @@ def prepare(features, labels, cfg):
     units = N if image is None else np.unique(image[y >= 0]).size   # what the folds divide
     if image is not None and units < 2:
         raise ValueError("segmentation needs at least 2 images with labelled pixels")
-    prep = preprocessing(F, cfg.preprocess, 1e-6 if cfg.reading == "authors" else None,
-                         None if image is None else np.flatnonzero(y >= 0))
+    preprocessing = fit_preprocessing(F, cfg.preprocess, _READINGS[cfg.reading].std_floor,
+                                      None if image is None else np.flatnonzero(y >= 0))
     fold_of = None
     if cfg.folds > 1:
         rng = np.random.default_rng(cfg.seed)
@@ -997,7 +1235,8 @@ def prepare(features, labels, cfg):
                              f"{'images' if image is not None else 'samples'}, got {units}")
         fold_of = (rng.permutation(int(image.max()) + 1) % cfg.folds if image is not None
                    else crossfit_folds(y, cfg.folds, rng))
-    return _Data(F=prepared(F, prep), y=y, classes=classes, image=image, prep=prep, fold_of=fold_of)
+    return _Input(F=F if preprocessing is None else _Preprocessed(F, preprocessing), y=y, classes=classes,
+                  image=image, preprocessing=preprocessing, fold_of=fold_of)
 
 
 def _split(data, cfg, fold):
@@ -1006,11 +1245,7 @@ def _split(data, cfg, fold):
         rng = np.random.default_rng(cfg.seed)
         if data.image is not None:
             return (*split_by_image(data.y, data.image, rng), rng)
-        if cfg.reading == "authors":                     # unstratified random 80/20
-            order = rng.permutation(data.y.size)
-            m = int(round(data.y.size / 5))
-            return order[m:], order[:m], rng
-        return (*stratified_split(data.y, rng), rng)
+        return (*_READINGS[cfg.reading].split(data.y, rng), rng)
     rng = np.random.default_rng([cfg.seed, fold])
     labelled = data.y >= 0
     member = data.fold_of[data.image] if data.image is not None else data.fold_of
@@ -1020,29 +1255,31 @@ def _split(data, cfg, fold):
 
 
 def _plan(data, cfg, fold):
+    """The Plan of fold `fold`, its random choices drawn in DESIGN.md §1's order: split, centres, initial
+    weights, batch order."""
     train_idx, score_idx, rng = _split(data, cfg, fold)
     F, y, K = data.F, data.y, data.classes.size
     Z = cfg.latent_dim or K
-    stats = training_stats(F, train_idx, y, K) if cfg.n is None or cfg.shift else None
+    stats = _training_stats(F, train_idx, y, K) if cfg.n is None or cfg.shift else None
     if cfg.n is not None:
         n, dis = int(cfg.n), float("nan")
     else:
         n, dis = adaptive_n(F, train_idx, y, K, cfg, stats)
-    unit = make_centres(K, Z, cfg.centers, rng)
+    unit = make_centres(K, Z, cfg.centres, rng)
     centres = unit
     if cfg.shift:
         if cfg.normalize == "features":
             mu, sigma = feature_moments(F, train_idx, True)
         else:
-            mu, sigma = moments_from_stats(*stats[1:], train_idx.size)
+            mu, sigma = _moments_from_stats(*stats[1:], train_idx.size)
         centres = mu + sigma * unit
     params = init_params(F.shape[1], Z, K, rng, np.dtype(cfg.dtype))
     batches = make_batches(train_idx.size, cfg.batch_size, cfg.iterations, rng,
-                           keep_last=cfg.reading == "authors")
+                           keep_last=_READINGS[cfg.reading].keep_last)
     batches = [train_idx[b] for b in batches] if isinstance(batches, list) else train_idx[batches]
     return Plan(train_idx=train_idx, score_idx=score_idx, y=y, classes=data.classes, n=n, centres=centres,
-                q=unit ** 2, params=params, batches=batches, dis=dis, prep=data.prep, fold=fold,
-                features=data.F, config=cfg)
+                q=unit ** 2, params=params, batches=batches, dis=dis, preprocessing=data.preprocessing,
+                fold=fold, features=data.F, config=cfg)
 
 
 def make_plan(features, labels, config=None, fold=0, **overrides):
@@ -1051,166 +1288,17 @@ def make_plan(features, labels, config=None, fold=0, **overrides):
     cfg = _config(config, overrides)
     if not 0 <= fold < cfg.folds:
         raise ValueError(f"fold must be in 0..{cfg.folds - 1}, got {fold}")
-    return _plan(prepare(features, labels, cfg), cfg, fold)
+    return _plan(_model_input(features, labels, cfg), cfg, fold)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Train and score: Algorithm 2 on one plan, every fold of one model.
-
-def c_scale_factor(c_scale, B, Z):
-    """The s of C = s·ΘΘᵀ for a batch of B rows: 1/B (Eq. 4–5), 1/B² (Eq. 3), or Z/B, which puts the
-    mean non-zero eigenvalue of C at 1 for unit rows spread over Z directions, so that each class
-    direction contracts by about 1 − η per step as A.7's derivation (B = 1) assumes (DESIGN.md §1d)."""
-    return {"B": 1.0, "B2": 1.0 / B, "B/Z": float(Z)}[c_scale] / B
-
-
-class _Model:
-    """f (D→Z), the propagation, h (Z→K): forward, loss and gradients for one batch."""
-
-    def __init__(self, plan):
-        self.F, self.plan, self.cfg = plan.features, plan, plan.config
-        self.dtype = np.dtype(self.cfg.dtype)
-
-    def batch(self, rows):
-        X = gather(self.F, rows, self.dtype)                       # B×D
-        if self.cfg.normalize == "features":
-            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-        return X
-
-    def evolve(self, params, X, y, want_grad):
-        """logits (B×K) of a batch, Θ, its row norms, and dlogits → (dΘ, dW_h) when want_grad."""
-        cfg, plan = self.cfg, self.plan
-        Wz, bz, Wh, bh = params
-        A = X @ Wz + bz                                            # B×Z = (B×D)(D×Z), the big product
-        with _one_blas_thread():                                   # the rest is small: see _small_products
-            theta, T, norms = theta_and_targets(A, plan.centres, y, cfg.normalize == "theta")
-            scale = c_scale_factor(cfg.c_scale, *A.shape)
-            if plan.n == 0:                                        # (I − ηC)⁰ = I: E = Θ, the
-                logits, back = _with_head(theta, _identity if want_grad else None, Wh, bh)  # propagation off
-            elif cfg.reading == "authors":
-                logits, back = _with_head(*propagate_detached(theta, T, plan.n, cfg.eta, scale, want_grad),
-                                          Wh, bh)
-            elif cfg.mode == "closed":
-                logits, back = propagate_logits(theta, T, plan.n, cfg.eta, scale, Wh, bh, want_grad)
-            else:
-                logits, back = _with_head(*propagate_explicit(
-                    theta, T, plan.q[y].astype(theta.dtype), plan.n, cfg.eta, scale, cfg.pc_loss,
-                    want_grad), Wh, bh)
-            return logits, theta, norms, back
-
-    def loss_and_grads(self, params, rows):
-        X, y = self.batch(rows), self.plan.y[rows]
-        logits, theta, norms, back = self.evolve(params, X, y, True)
-        with _one_blas_thread():
-            loss, dlogits = softmax_ce(logits, y)
-            if not math.isfinite(loss):
-                raise Diverged("non-finite training loss")
-            dtheta, dWh = back(dlogits)                            # B×Z, Z×K
-            if self.cfg.normalize == "theta":                      # through Θ = A/‖A‖
-                dtheta = _theta_backward(dtheta, theta, norms)
-            if not np.all(np.isfinite(dtheta)):
-                raise Diverged("non-finite gradients")
-            dA = dtheta.astype(self.dtype, copy=False)
-        dWz = X.T @ dA                                             # D×Z = (D×B)(B×Z), the big product
-        return loss, [dWz, dA.sum(axis=0), dWh, dlogits.sum(axis=0)]
-
-    def predict(self, params):
-        """argmax of the evolved logits over the scoring part, cut into consecutive batches of B, each
-        evolved towards its own labels' centres (DESIGN.md §1 step 6); with score_by="centres" the
-        nearest pseudo-cluster centre of each evolved embedding instead (h with W_h = I, b_h = 0 is
-        E⁽ⁿ⁾ itself)."""
-        rows_all, B = self.plan.score_idx, self.cfg.batch_size
-        by_centres = self.cfg.score_by == "centres"
-        if by_centres:
-            centres = self.plan.centres                                    # K×Z
-            params = [*params[:2], np.eye(centres.shape[1], dtype=self.dtype),
-                      np.zeros(centres.shape[1], dtype=self.dtype)]
-        pred = np.empty(rows_all.size, dtype=np.int64)
-        for start in range(0, rows_all.size, B):
-            rows = rows_all[start:start + B]
-            out = self.evolve(params, self.batch(rows), self.plan.y[rows], False)[0]
-            if not np.all(np.isfinite(out)):
-                raise Diverged("non-finite logits while scoring")
-            pred[start:start + B] = nearest_centre(out, centres) if by_centres else np.argmax(out, axis=1)
-        return pred
-
-    def uninformed(self, rng):
-        """Top-1 accuracy (percent) of the scoring step on random unit rows Θ in place of f's (Gaussian
-        directions: no class information), over the scoring part cut as predict cuts it: through
-        evolve with X = Θ and f, h the identity."""
-        rows_all, B, Z = self.plan.score_idx, self.cfg.batch_size, self.plan.centres.shape[1]
-        eye, zero = np.eye(Z, dtype=self.dtype), np.zeros(Z, dtype=self.dtype)
-        correct = 0
-        for start in range(0, rows_all.size, B):
-            y = self.plan.y[rows_all[start:start + B]]
-            theta = rng.standard_normal((y.size, Z))
-            theta /= np.linalg.norm(theta, axis=1, keepdims=True)
-            E = self.evolve([eye, zero, eye, zero], theta.astype(self.dtype), y, False)[0]
-            correct += int(np.sum(nearest_centre(E, self.plan.centres) == y))
-        return 100.0 * correct / rows_all.size
-
-    def accuracy(self, params):
-        """Top-1 (pixel) accuracy, percent, over the scoring part."""
-        return 100.0 * float(np.mean(self.predict(params) == self.plan.y[self.plan.score_idx]))
-
-    def score(self, params):
-        if self.cfg.metric == "accuracy":
-            return self.accuracy(params)
-        return mean_iou(self.predict(params), self.plan.y[self.plan.score_idx], self.plan.classes.size)
-
-
-def nearest_centre(E, centres):
-    """argmin_k ‖E_i − Ê_k‖² = argmax_k 2 E_i·Ê_k − ‖Ê_k‖² for each row of E (B×Z); B×K = (B×Z)(Z×K)."""
-    return np.argmax(2.0 * (E @ centres.T) - np.einsum("kz,kz->k", centres, centres), axis=1)
-
-
-def mean_iou(pred, y, K):
-    """Mean over classes present in prediction or truth of TP / (TP + FP + FN), percent."""
-    cm = np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
-    tp = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
-    return 100.0 * float(np.mean(tp[union > 0] / union[union > 0]))
-
-
-def _small_products(B, D, Z):
-    # below ~16M multiply-adds even the two large products gain nothing from more threads, and lose
-    # much when the cores are shared (waking and syncing threads costs more than the work); the B×Z×Z
-    # products always run on one thread, for the same reason.
-    return B * D * Z < 1 << 24
-
-
-def train(plan, callback=None):
-    """Algorithm 2 with AdamW on one plan (make_plan); returns (trajectory, losses).
-    callback(t, loss, params) if given."""
-    cfg, model = plan.config, _Model(plan)
-    with _one_blas_thread(_small_products(cfg.batch_size, plan.features.shape[1], plan.centres.shape[1])):
-        return _train_loop(model, plan, cfg, callback)
-
-
-def _train_loop(model, plan, cfg, callback):
-    params = [p.copy() for p in plan.params]
-    moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
-    losses, trajectory = np.empty(cfg.iterations), []
-    for t in range(1, cfg.iterations + 1):
-        loss, grads = model.loss_and_grads(params, plan.batches[t - 1])
-        losses[t - 1] = loss
-        lr = cfg.lr
-        if cfg.reading == "authors":                     # torch's PolynomialLR(total_iters=10,000, power 1)
-            lr = cfg.lr * (1.0 - min(t - 1, 10_000) / 10_000)
-        for p, g, (m, v) in zip(params, grads, moments):
-            adamw_step(p, g, m, v, lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.adam_eps, t)
-        if callback is not None:
-            callback(t, loss, params)
-        if t % cfg.eval_every == 0 or t == cfg.iterations:
-            trajectory.append((t, model.score(params)))
-    return trajectory, losses
-
+# ====================================================================================================
+# 6. A model's score: every fold trained on the others and scored, then aggregated.
 
 def _score(features, labels, cfg, threads=1):
     """Every fold of one model: train on the other folds, score this one; aggregate. threads > 1 runs
     that many folds at once, each on one BLAS thread (the folds are independent: the same scores)."""
     start = time.perf_counter()
-    data = prepare(np.asarray(features), labels, cfg)
+    data = _model_input(np.asarray(features), labels, cfg)
     outs = _map_folds(functools.partial(_fold_run, data, cfg), cfg.folds, threads, _fold_work(data, cfg))
     n = [out.n for out in outs]
     chance = _chance(data.y, [out.uninformed for out in outs])
@@ -1282,7 +1370,7 @@ def _map_folds(run, folds, threads, work):
             return forked
     import concurrent.futures as cf
     full = folds - folds % threads
-    with _one_blas_thread(), cf.ThreadPoolExecutor(threads) as pool:
+    with one_blas_thread(), cf.ThreadPoolExecutor(threads) as pool:
         out = list(pool.map(run, range(full)))
     return out + [run(fold) for fold in range(full, folds)]
 
@@ -1304,18 +1392,21 @@ def _forked(run, folds, workers):
     if mp.current_process().daemon:
         return None
     try:
-        return _sibling("itm_parallel", "forked folds").fold_runs(run, folds, workers)
+        return sibling("itm_parallel", "forked folds").fold_runs(run, folds, workers)
     except ValueError:
         return None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Public API: one model, a pool of models.
+# ====================================================================================================
+# 7. The API: one model, a pool of models.
 
 def _config(config, overrides):
     cfg = config if config is not None else Config()
     if not isinstance(cfg, Config):
         raise TypeError(f"config must be an itm.Config, got {type(cfg).__name__}")
+    if "centers" in overrides:                       # the spelling of releases before 0.2
+        warnings.warn("the ITM option 'centers' is now spelt 'centres'", DeprecationWarning, stacklevel=3)
+        overrides = {("centres" if k == "centers" else k): v for k, v in overrides.items()}
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise TypeError(f"unknown ITM option(s): {', '.join(sorted(unknown))}")
@@ -1330,7 +1421,7 @@ def itm_score(features, labels, config=None, **overrides) -> Result:
     concurrently on the machine's cores (the same scores as one after the other).
     """
     cfg = _config(config, overrides)
-    result = _score(features, labels, cfg, _cores())
+    result = _score(features, labels, cfg, cores())
     if result.diverged:
         warnings.warn(f"ITM diverged ({result.note}); score is NaN", RuntimeWarning, stacklevel=2)
     return result
@@ -1378,11 +1469,12 @@ def score_grid(feature_sets, labels, configs, progress=None, jobs=1, executor=No
     return [{name: done[name, i] for name in feature_sets} for i in range(len(configs))]
 
 
-def _cores():
+def cores():
+    """The cores the folds of one model run on (the tests pin it)."""
     return os.cpu_count() or 1
 
 
-def _score_named(name, feats, labels, cfg, threads=1):
+def score_model(name, feats, labels, cfg, threads=1):
     """A model's Result, or the ValueError (naming the model) that its input raised — returned, not
     raised, so an executor neither logs nor retries a failure that would only repeat."""
     try:
@@ -1395,19 +1487,19 @@ def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
     """Yield ((name, config index), Result or the exception it raised) as tasks finish."""
     if executor is None and min(int(jobs), len(tasks)) <= 1:
         for name, i in tasks:
-            yield (name, i), _score_named(name, feature_sets[name], labels, configs[i], _cores())
+            yield (name, i), score_model(name, feature_sets[name], labels, configs[i], cores())
         return
     import concurrent.futures as cf
     with contextlib.ExitStack() as stack:
         if executor is None:
-            parallel = _sibling("itm_parallel", "jobs > 1 without an executor")
+            parallel = sibling("itm_parallel", "jobs > 1 without an executor")
             executor = stack.enter_context(parallel.process_pool(feature_sets, labels, min(int(jobs), len(tasks))))
             futures = {executor.submit(parallel.pool_score, name, configs[i]): (name, i) for name, i in tasks}
         else:
             share = getattr(executor, "share", lambda x: x)
             shared = {name: share(feature_sets[name]) for name in feature_sets}
             labels_ = share(labels)
-            futures = {executor.submit(_score_named, name, shared[name], labels_, configs[i]): (name, i)
+            futures = {executor.submit(score_model, name, shared[name], labels_, configs[i]): (name, i)
                        for name, i in tasks}
         for future in cf.as_completed(futures):
             try:
@@ -1419,10 +1511,10 @@ def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
 def make_executor(scheduler):
     """A Dask executor for rank()/score_grid() (itm_parallel.make_executor: "local:N" or a scheduler
     address), as a context manager."""
-    return _sibling("itm_parallel", "--scheduler and make_executor").make_executor(scheduler)
+    return sibling("itm_parallel", "--scheduler and make_executor").make_executor(scheduler)
 
 
-def _sibling(module, needs):
+def sibling(module, needs):
     """A module of this project beside itm.py (or in its package): itm.py copied alone does without
     them, and `needs` says what then fails."""
     import importlib
@@ -1432,19 +1524,19 @@ def _sibling(module, needs):
         raise ValueError(f"{needs}: needs {module}.py beside itm.py") from None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Speed: what the method's steps run on, without changing what they compute. The BLAS limiter; then
-# numba twins of the NumPy references above, only where they measure faster. Each loop computes what
-# its reference does (to rounding); _dispatch picks one at call time (USE_NUMBA). Every twin here is
-# faster at the default shapes (bench/bench_itm.py times runs with and without); a twin of φ alone
-# (a Z-vector) was not, and went. softmax_ce's pays for the small K of most targets; near K = 100
-# NumPy's vectorised exp overtakes its scalar one.
+# ====================================================================================================
+# 8. Speed: what the method's steps run on, without changing what they compute. The BLAS limiter; then
+# numba twins of the NumPy references above, only where they measure faster. Each loop computes what its
+# reference does (to rounding); _has_twin calls it in the reference's place at call time (USE_NUMBA), and
+# _TWINS below is the one place that chooses them. Every twin here is faster at the default shapes
+# (bench/bench_itm.py times runs with and without); a twin of φ alone (a Z-vector) was not, and went.
+# softmax_ce's pays for the small K of most targets; near K = 100 NumPy's vectorised exp overtakes it.
 
 _BLAS = {"controllers": {}, "limiters": {}, "depth": 0, "lock": threading.Lock()}
 
 
 @contextlib.contextmanager
-def _one_blas_thread(active=True):
+def one_blas_thread(active=True):
     """BLAS and LAPACK on one thread inside (all modules of the project share this limiter): small calls
     (a Z×Z eigh, the B×Z×Z products, the baselines' LAPACK) are many times slower with several OpenBLAS
     threads on a busy machine, and large products get their cores from threads of their own instead.
@@ -1472,26 +1564,22 @@ def _one_blas_thread(active=True):
                 _BLAS["limiters"].clear()
 
 
-def _njit(fn, **options):
-    # error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops
-    # need no zero test and vectorise
+def _small_products(B, D, Z):
+    # below ~16M multiply-adds even the two large products gain nothing from more threads, and lose
+    # much when the cores are shared (waking and syncing threads costs more than the work); the B×Z×Z
+    # products always run on one thread, for the same reason.
+    return B * D * Z < 1 << 24
+
+
+def njit(fn, **options):
+    """fn compiled by numba with the project's options (cached beside the file), or None without numba.
+    error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, so the loops need
+    no zero test and vectorise."""
     return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(fn) if HAVE_NUMBA else None
 
 
-def _dispatch(numpy_version, numba_version):
-    def call(*args):
-        # numba has no float16 arithmetic on the CPU: such inputs take the NumPy path
-        if USE_NUMBA and numba_version is not None and not any(
-                getattr(a, "dtype", None) == np.float16 for a in args):
-            return numba_version(*args)
-        return numpy_version(*args)
-    call.__name__ = numpy_version.__name__.removesuffix("_np")
-    call.__doc__ = numpy_version.__doc__
-    return call
-
-
-def _fdd1_scalar(a, b, n, eta):
-    # _fdd1_np on one pair: the same formulas, the same thresholds
+def _divdiff1_scalar(a, b, n, eta):
+    # _divdiff1 on one pair: the same formulas, the same thresholds
     ua, ub = 1.0 - eta * a, 1.0 - eta * b
     d = eta * (b - a)
     if d == 0.0:
@@ -1501,11 +1589,11 @@ def _fdd1_scalar(a, b, n, eta):
     return (ua ** n - ub ** n) / (a - b)
 
 
-def _fdd2_scalar(a, b, n, eta):
+def _divdiff2_scalar(a, b, n, eta):
     if abs(a) < abs(b):
         a, b = b, a
     if abs(a) >= _SERIES / (n * eta):
-        return (_fdd1_scalar(a, b, n, eta) - _fdd1_scalar(b, 0.0, n, eta)) / a
+        return (_divdiff1_scalar(a, b, n, eta) - _divdiff1_scalar(b, 0.0, n, eta)) / a
     total, h, bpow, c = 0.0, 1.0, 1.0, n * (n - 1) / 2 * eta * eta
     for k in range(2, min(n, 40) + 1):
         total += c * h
@@ -1516,11 +1604,11 @@ def _fdd2_scalar(a, b, n, eta):
 
 
 def _psi_loop(lam, n, eta, order):
-    # _psi_np in one pass over the lower triangle (Ψ is symmetric), no m×m temporaries
+    # psi in one pass over the lower triangle (Ψ is symmetric), no m×m temporaries
     m = lam.shape[0]
     vals, out = np.empty(m), np.empty((m, m))
     for i in range(m):
-        vals[i] = (1.0 - eta * lam[i]) ** n if order == 1 else _fdd1_scalar(lam[i], 0.0, n, eta)
+        vals[i] = (1.0 - eta * lam[i]) ** n if order == 1 else _divdiff1_scalar(lam[i], 0.0, n, eta)
     sep = _SEP / (n * eta)
     for i in range(m):
         for j in range(i + 1):
@@ -1528,18 +1616,17 @@ def _psi_loop(lam, n, eta, order):
             if abs(a - b) > sep:
                 v = (vals[i] - vals[j]) / (a - b)
             elif order == 1:
-                v = _fdd1_scalar(a, b, n, eta)
+                v = _divdiff1_scalar(a, b, n, eta)
             else:
-                v = _fdd2_scalar(a, b, n, eta)
+                v = _divdiff2_scalar(a, b, n, eta)
             out[i, j] = v
             out[j, i] = v
     return out
 
 
 if HAVE_NUMBA:
-    _fdd1_scalar = _njit(_fdd1_scalar)
-    _fdd2_scalar = _njit(_fdd2_scalar)
-psi = _dispatch(_psi_np, _njit(_psi_loop))
+    _divdiff1_scalar = njit(_divdiff1_scalar)
+    _divdiff2_scalar = njit(_divdiff2_scalar)
 
 
 def _softmax_ce_loop(logits, y):
@@ -1561,9 +1648,6 @@ def _softmax_ce_loop(logits, y):
     return total / B, grad
 
 
-softmax_ce = _dispatch(_softmax_ce_np, _njit(_softmax_ce_loop))
-
-
 def _adamw_loop(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low):
     pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
     if lerp_low:                                    # branch outside the loops so both vectorise
@@ -1575,9 +1659,6 @@ def _adamw_loop(p, g, m, v, decay, c1, b1, c2, b2, step_size, bc2, eps, lerp_low
     for i in range(pf.shape[0]):
         vf[i] = vf[i] * b2 + c2 * gf[i] * gf[i]
         pf[i] = pf[i] * decay - step_size * mf[i] / (math.sqrt(vf[i]) / bc2 + eps)
-
-
-_adamw = _dispatch(_adamw_np, _njit(_adamw_loop))
 
 
 def _theta_loop(A, centres, y, normalize):
@@ -1595,9 +1676,6 @@ def _theta_loop(A, centres, y, normalize):
     return theta, T, norms
 
 
-theta_and_targets = _dispatch(_theta_np, _njit(_theta_loop))
-
-
 def _accumulate_loop(X, yc, sums, s1, s2, x0):
     for i in range(X.shape[0]):
         k = yc[i]
@@ -1608,9 +1686,6 @@ def _accumulate_loop(X, yc, sums, s1, s2, x0):
             sums[k, d] += x
             s1[d] += x - x0[d]
             s2[d] += (x - x0[d]) * (x - x0[d])
-
-
-accumulate = _dispatch(_accumulate_np, _njit(_accumulate_loop))
 
 
 def _distance_sum_loop(X, yc, means, inv_std):
@@ -1627,14 +1702,21 @@ def _distance_sum_loop(X, yc, means, inv_std):
     return total
 
 
-# reassoc lets the sum over d vectorise; it changes only the order of the additions
-distance_sum = _dispatch(_distance_sum_np, _njit(_distance_sum_loop, fastmath={"reassoc"}))
+_TWINS.update({
+    "psi": njit(_psi_loop),
+    "softmax_ce": njit(_softmax_ce_loop),
+    "_adamw_update": njit(_adamw_loop),
+    "theta_and_targets": njit(_theta_loop),
+    "accumulate": njit(_accumulate_loop),
+    # reassoc lets the sum over d vectorise; it changes only the order of the additions
+    "distance_sum": njit(_distance_sum_loop, fastmath={"reassoc"}),
+} if HAVE_NUMBA else {})
 
 
-# ----------------------------------------------------------------------------------------------------
-# Files: the bundled example, the input layouts, atomic writes (ground-truth files: kendall.load_truth).
+# ====================================================================================================
+# 9. Files: the bundled example, the input layouts, atomic writes (ground-truth files: kendall.load_truth).
 
-EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+_EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
 
 
 def synthetic_zoo(seed=0, N=1200, K=12, D=96):
@@ -1651,13 +1733,13 @@ def synthetic_zoo(seed=0, N=1200, K=12, D=96):
     return feats, y, truth
 
 
-def bundled_example():
+def _bundled_example():
     """(features by model, labels, fine-tuned accuracy by model, description): 8 real models on
     Flowers-17 from examples/, or — where this file was copied without examples/ — the synthetic zoo."""
-    path = os.path.join(EXAMPLE_DIR, "flowers17_8models.npz")
+    path = os.path.join(_EXAMPLE_DIR, "flowers17_8models.npz")
     if os.path.exists(path):
         feature_sets, labels = load_features(path)
-        with open(os.path.join(EXAMPLE_DIR, "flowers17_8models_truth.json")) as fh:
+        with open(os.path.join(_EXAMPLE_DIR, "flowers17_8models_truth.json")) as fh:
             truth = json.load(fh)                        # {model: fine-tuned accuracy}
         return feature_sets, labels, truth, ("bundled example: 8 real pre-trained models on Flowers-17 "
                                              "(examples/), scored against their real fine-tuning accuracy")
@@ -1744,7 +1826,7 @@ def dataset_name(path):
     return base[:-4] if base.endswith((".npz", ".npy")) else base
 
 
-def check_output(path, what="output path"):
+def _check_output(path, what="output path"):
     """Refuse an output that cannot be written: a folder, or a file in a folder that does not exist."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -1758,7 +1840,7 @@ def write_atomic(path, write, binary=False):
     """write(file) into a temporary file beside `path`, fsync, rename: readers see the old file or the new
     one, and nothing is left behind on error."""
     path = os.fspath(path)
-    check_output(path)
+    _check_output(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
@@ -1777,9 +1859,10 @@ def one_line(err):
     return " ".join(str(err).split()) or type(err).__name__
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI. The four tools share one convention: a usage or input error is one line `PROG: error: ...` on
-# stderr and exit status 1; --help exits 0; results go to stdout, progress and notes to stderr.
+# ====================================================================================================
+# 10. The command line. The four tools share one convention: a usage or input error is one line
+# `PROG: error: ...` on stderr and exit status 1; --help exits 0; results go to stdout, progress and notes
+# to stderr.
 
 def prog_name(script, command):
     """What a CLI calls itself in its messages: the installed command's name when run as that command
@@ -1788,6 +1871,8 @@ def prog_name(script, command):
 
 
 class CLIParser(argparse.ArgumentParser):
+    """argparse with the project's one-line usage errors and exit status 1."""
+
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(1)
@@ -1843,12 +1928,17 @@ def _parser():
             kind = {"float": float, "str": str}.get(type(f.default).__name__, int)
             group.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
                                help=help_, dest=f.name)
+    group.add_argument("--centers", choices=Config.__dataclass_fields__["centres"].metadata["choices"],
+                       help=argparse.SUPPRESS)   # the spelling before 0.2: --centres, with a note
     return p
 
 
 def _cli_config(args):
     """The Config of the command line: the preset, then every option given; errors name the flag."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    if args.centers is not None:
+        print("itm: note: --centers is now spelt --centres", file=sys.stderr)
+        given.setdefault("centres", args.centers)
     try:
         return preset(args.preset, **given)
     except (ValueError, TypeError) as err:
@@ -1868,12 +1958,12 @@ def _check_args(args):
     """Everything that can be checked before any work starts."""
     check_parallel(args)
     if args.truth:
-        _sibling("kendall", "--truth")
+        sibling("kendall", "--truth")
     if args.features is None and (args.labels or args.models):
         raise ValueError("--labels/--models need --features")
     for option in ("out", "plot"):
         if getattr(args, option) is not None:
-            check_output(getattr(args, option), f"--{option}")
+            _check_output(getattr(args, option), f"--{option}")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -1905,7 +1995,7 @@ def _tau(ranking, truth):
         return None
     valid = [(r.score, truth[name]) for name, r in ranking if name in truth and not math.isnan(r.score)]
     # τ_w has one implementation, kendall.weighted_tau (scipy's convention, tested against it)
-    tau = _sibling("kendall", "--truth").weighted_tau
+    tau = sibling("kendall", "--truth").weighted_tau
     if len(valid) < 2:
         reason = f"only {len(valid)} of the models with an accuracy has a score (the others diverged or failed)"
     elif len({score for score, _ in valid}) == 1:
@@ -2006,6 +2096,7 @@ def _compile_note():
 
 
 def main(argv=None) -> int:
+    """The command line (`python itm.py --help`); returns the exit status."""
     return run_cli("itm", _main, argv)
 
 
@@ -2044,11 +2135,11 @@ def _main(argv):
 def _inputs(args, log):
     """(features by model, labels, truth or None, dataset name) of the command line, labels checked."""
     if args.features is None:
-        feature_sets, labels, truth, source = bundled_example()
+        feature_sets, labels, truth, source = _bundled_example()
         dataset = "flowers17_8models" if "Flowers-17" in source else "synthetic"
         log(f"itm: no --features given; running the {source}")
         try:
-            _sibling("kendall", "τ_w")
+            sibling("kendall", "τ_w")
         except ValueError:                               # itm.py copied alone: the table without τ_w
             truth = None
             log("itm: τ_w against the fine-tuned accuracies needs kendall.py beside itm.py; not shown")
@@ -2065,7 +2156,7 @@ def _inputs(args, log):
 def _truth(args, dataset, feature_sets):
     """The --truth table for these features, checked against the models before any work; a note (stderr,
     also with --quiet) when it is the only table of a nested file and not named like the dataset."""
-    table, truth = _sibling("kendall", "--truth").truth_table(args.truth, args.target, dataset)
+    table, truth = sibling("kendall", "--truth").truth_table(args.truth, args.target, dataset)
     if table is not None and table not in (dataset, args.target):
         print(f"itm: note: --truth {args.truth} has no table {dataset!r}: its only table, {table!r}, is used",
               file=sys.stderr)

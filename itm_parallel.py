@@ -22,7 +22,7 @@ def fork_pool(jobs, initializer=None, initargs=()):
 def process_pool(feature_sets, labels, jobs):
     """`jobs` forked worker processes that inherit the features, the BLAS threads divided among them;
     submit(pool_score, name, cfg) scores one model there."""
-    threads = max(1, itm._cores() // jobs)
+    threads = max(1, itm.cores() // jobs)
     return fork_pool(jobs, _pool_init, (threads, dict(feature_sets), labels))
 
 
@@ -33,7 +33,7 @@ def _pool_init(threads, feature_sets, labels):
 
 
 def pool_score(name, cfg):
-    return itm._score_named(name, _POOL["sets"][name], _POOL["labels"], cfg, _POOL["threads"])
+    return itm.score_model(name, _POOL["sets"][name], _POOL["labels"], cfg, _POOL["threads"])
 
 
 def fold_runs(run, folds, workers):

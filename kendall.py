@@ -73,8 +73,8 @@ __all__ = ["weighted_tau", "kendall_tau", "spearman_rho", "pearson_r", "rel_k", 
 def _jit(fn):
     # Lazy compilation (no signature): importing this module never compiles anything.
     # error_model="numpy": 0/0 gives nan like scipy instead of raising ZeroDivisionError.
-    # itm._njit: the project's one way to compile (error_model="numpy"), None without numba.
-    return itm._njit(fn) or fn
+    # itm.njit: the project's one way to compile (error_model="numpy"), None without numba.
+    return itm.njit(fn) or fn
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ PRIORS = {"prior_params": "Prior: parameter count (larger first)",
 PREPROCESS = ("none", "rms", "center_rms", "standardize", "unit_rows")  # if itm.Config lists no choices
 ABLATION_FOLDS = (1, 2, 3, 4, 5)
 ABLATION_SEEDS = 5
-READING_FIELDS = ("normalize", "c_scale", "shift", "centers", "score_by")   # DESIGN.md §1a
+READING_FIELDS = ("normalize", "c_scale", "shift", "centres", "score_by")   # DESIGN.md §1a
 # DESIGN.md §1d: a reading in which the evolution matters, and the propagation switched off (a reference
 # row: the same training with E⁽ⁿ⁾ = Θ, read by h as it was trained, not ITM, never a candidate of the
 # rule of DESIGN.md §1c)

@@ -100,7 +100,7 @@ def spectral_floor(plan, cfg):
     sizes = [min(len(rows), Z) for rows in plan.batches]
     sizes += [min(b, Z) for b in score_sizes] * -(-cfg.iterations // cfg.eval_every)
     mats = {m: (lambda A: A @ A.T / m)(rng.standard_normal((m, m))) for m in set(sizes)}
-    with itm._one_blas_thread():
+    with itm.one_blas_thread():
         start = time.perf_counter()
         for m in sizes:
             np.linalg.eigh(mats[m])

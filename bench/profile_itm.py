@@ -3,7 +3,7 @@ included) on one BLAS thread, plus the scoring passes alone.
 
     python bench/profile_itm.py [N D K]        # default 50000 2048 100 (the CIFAR-100/ResNet-50 shape)
 
-The README's "where the time goes" figures come from this script (synthetic features, bench_itm.py's).
+docs/speed.md's "where the time goes" comes from this script (synthetic features, bench_itm.py's).
 """
 import cProfile
 import os
@@ -25,13 +25,13 @@ def main(argv=None):
     plan = itm.make_plan(E, y, cfg)
     print(f"make_plan: {time.perf_counter() - start:.2f} s")
     model = itm._Model(plan)
-    with itm._one_blas_thread(itm._small_products(cfg.batch_size, D, plan.params[0].shape[1])):
+    with itm.one_blas_thread(itm._small_products(cfg.batch_size, D, plan.params[0].shape[1])):
         start = time.perf_counter()
         for _ in range(-(-cfg.iterations // cfg.eval_every)):
             model.score(plan.params)
         print(f"the scoring passes alone: {time.perf_counter() - start:.2f} s")
     profile = cProfile.Profile()
-    with itm._one_blas_thread():           # as each fold runs when the folds run at once
+    with itm.one_blas_thread():           # as each fold runs when the folds run at once
         start = time.perf_counter()
         profile.runcall(itm.train, plan)
         print(f"train, one BLAS thread: {time.perf_counter() - start:.2f} s (under cProfile)")

@@ -81,7 +81,7 @@ def loss_and_grads(E, plan, cfg, params, rows):
     """One training iteration's loss and the gradients of [W_z, b_z, W_h, b_h] (NumPy float64)."""
     ps = [t(p).requires_grad_(True) for p in params]
     y = torch.as_tensor(plan.y[rows])
-    logits = logits_of(ps, batch_features(E, rows, cfg.normalize, plan.prep), y, t(plan.centres), t(plan.q), cfg,
+    logits = logits_of(ps, batch_features(E, rows, cfg.normalize, plan.preprocessing), y, t(plan.centres), t(plan.q), cfg,
                        plan.n)
     loss = F.cross_entropy(logits, y)
     grads = torch.autograd.grad(loss, ps)
@@ -99,7 +99,7 @@ def accuracy(E, plan, cfg, params):
     for start in range(0, rows_all.size, B):
         rows = rows_all[start:start + B]
         y = torch.as_tensor(plan.y[rows])
-        X = batch_features(E, rows, cfg.normalize, plan.prep)
+        X = batch_features(E, rows, cfg.normalize, plan.preprocessing)
         with torch.enable_grad():  # the explicit inner loop needs autograd
             out = logits_of(params, X, y, centres, q, cfg, plan.n, head).detach()
         pred = out.argmax(dim=1) if head else torch.cdist(out, centres).argmin(dim=1)
@@ -119,7 +119,7 @@ def algorithm2(E, plan, cfg):
         rows = plan.batches[step - 1]
         y = torch.as_tensor(plan.y[rows])
         opt.zero_grad()
-        loss = F.cross_entropy(logits_of(params, batch_features(E, rows, cfg.normalize, plan.prep), y, centres, q,
+        loss = F.cross_entropy(logits_of(params, batch_features(E, rows, cfg.normalize, plan.preprocessing), y, centres, q,
                                          cfg, plan.n), y)
         loss.backward()
         opt.step()

@@ -100,7 +100,7 @@ def as_counts(trajectory, n):
 def test_preset_is_the_authors_protocol():
     """The fields the protocol fixes, and the plan's non-random parts (one step, unshifted one-hot centres)."""
     cfg = itm.preset("authors")
-    assert (cfg.reading, cfg.preprocess, cfg.folds, cfg.n, cfg.eta, cfg.shift, cfg.centers, cfg.normalize,
+    assert (cfg.reading, cfg.preprocess, cfg.folds, cfg.n, cfg.eta, cfg.shift, cfg.centres, cfg.normalize,
             cfg.c_scale) == ("authors", "standardize", 1, 1, 0.5, False, "onehot", "theta", "B")
     assert (cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.eval_every) == \
         (5e-3, 0.01, 0.9, 0.999, 1e-8, 100)

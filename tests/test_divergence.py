@@ -65,7 +65,7 @@ def test_divergence_detected_anywhere_in_a_fold(where, monkeypatch):
                          ids=["serial", "threads", "forked"])
 def test_divergence_in_every_fold_arrangement(cores, fork_work, monkeypatch):
     X, y = blobs(2)
-    monkeypatch.setattr(itm, "_cores", lambda: cores)
+    monkeypatch.setattr(itm, "cores", lambda: cores)
     monkeypatch.setattr(itm, "_FORK_WORK", fork_work)
     with pytest.warns(RuntimeWarning, match="diverged"):
         assert_diverged(itm.itm_score(X, y, eta=50.0, **SMALL), "propagation expands")

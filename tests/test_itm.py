@@ -275,11 +275,11 @@ def test_plan_onehot_centres_shifted(normalize):
 
 
 @pytest.mark.parametrize("latent_dim", [5, 9])
-@pytest.mark.parametrize("centers", ["random", "pca", "laplacian"])
-def test_plan_other_centres_orthonormal(centers, latent_dim):
+@pytest.mark.parametrize("centres", ["random", "pca", "laplacian"])
+def test_plan_other_centres_orthonormal(centres, latent_dim):
     """random / pca / laplacian centres: K×Z, unit norm, mutually orthogonal (Ê Êᵀ = I), seeded."""
     X, y = uneven_data(5)
-    cfg = itm.Config(batch_size=16, iterations=10, centers=centers, latent_dim=latent_dim, shift=False,
+    cfg = itm.Config(batch_size=16, iterations=10, centres=centres, latent_dim=latent_dim, shift=False,
                      preprocess="none")
     plan = itm.make_plan(X, y, cfg)
     C = plan.centres
@@ -291,6 +291,21 @@ def test_plan_other_centres_orthonormal(centers, latent_dim):
     F = X[shifted.train_idx]
     U = (shifted.centres - F.mean()) / F.std()
     assert max_err(U, C) <= 1e-12
+
+
+def test_centers_is_a_deprecated_spelling_of_centres(tmp_path):
+    """Config.centres was Config.centers before 0.2: the API's keyword and the CLI's --centers still work,
+    each saying so, and give the same plan as centres=."""
+    X, y = blobs(5)
+    with pytest.warns(DeprecationWarning, match="'centers' is now spelt 'centres'"):
+        old = itm.make_plan(X, y, centers="pca", batch_size=16)
+    assert np.array_equal(old.centres, itm.make_plan(X, y, centres="pca", batch_size=16).centres)
+    path = write_npz(tmp_path / "f.npz", {"m": X}, y)
+    args = ["--features", path, "--json", "--quiet", "--iterations", "20", "--eval-every", "10"]
+    proc, new = run_cli(args + ["--centers", "pca"]), run_cli(args + ["--centres", "pca"])
+    assert proc.returncode == 0 and proc.stderr == "itm: note: --centers is now spelt --centres\n"
+    assert json.loads(proc.stdout)["ranking"][0]["score"] == json.loads(new.stdout)["ranking"][0]["score"]
+    assert json.loads(proc.stdout)["config"]["centres"] == "pca"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -345,7 +360,7 @@ LOSS_VARIANTS = {
     "c_scale_BZ": dict(n=37, c_scale="B/Z"),
     "no_propagation": dict(n=0),                                                   # E⁽⁰⁾ = Θ
     "normalize_features": dict(n=37, normalize="features"),
-    "centers_random": dict(n=37, centers="random", latent_dim=10),
+    "centres_random": dict(n=37, centres="random", latent_dim=10),
 }
 
 
@@ -524,7 +539,31 @@ def test_whole_run_explicit_ce_vs_torch():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Algorithm 1 (explicit) vs Algorithm 2 (closed form).
+# The plain n steps of Eq. 5 (itm.propagate_steps) vs the closed form (itm.propagate_logits), and
+# Algorithm 1 (explicit) vs Algorithm 2 (closed form) over whole runs.
+
+@pytest.mark.parametrize("n", [1, 37, 400])
+@pytest.mark.parametrize("c_scale", ["B", "B/Z"])
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_plain_steps_equal_closed_form(branch, c_scale, n, backend):
+    """E⁽ⁿ⁾ and dΘ of the n explicit steps (section 2 of itm.py) and of the closed form that replaces them
+    (section 3: Θφ(G)Θᵀ when Z ≤ B, (I − ηC)ⁿ on C's spectrum when Z > B), float64: equal to 1e-10, on
+    training-like unit rows and on a rank-deficient batch; and the plain steps equal torch's literal loop."""
+    rng = np.random.default_rng([n, branch == "gram", c_scale == "B"])
+    for case in ("unit_rows", "rank_deficient"):
+        theta = crafted_theta(case, branch, rng)
+        B, Z = theta.shape
+        T, dE = rng.standard_normal((B, Z)), rng.standard_normal((B, Z))
+        s = itm.c_scale_factor(c_scale, B, Z)
+        E_steps, back_steps = itm.propagate_steps(theta, T, n, ETA, s, want_grad=True)
+        E_closed, back_closed = itm.propagate_logits(theta, T, n, ETA, s, np.eye(Z), np.zeros(Z), want_grad=True)
+        assert max_err(E_steps, E_closed) <= 1e-10 and max_err(back_steps(dE), back_closed(dE)[0]) <= 1e-10
+        th = ref.t(theta).requires_grad_(True)
+        Et = ref.naive_propagate(th, ref.t(T), n, ETA, s)
+        (dth,) = torch.autograd.grad(Et, th, ref.t(dE))
+        assert max_err(E_steps, Et.detach()) <= 1e-10 and max_err(back_steps(dE), dth) <= 1e-10
+        assert max_err(E_steps, theta) > 1e-6                      # the steps moved E: not a comparison of Θ
+
 
 def test_explicit_mse_equals_closed():
     X, y = blobs(2)
@@ -855,5 +894,5 @@ def test_weighted_tau_matches_scipy(seed):
     y = np.round(rng.uniform(50, 95, 9)) if seed % 2 else rng.uniform(50, 95, 9)
     if seed == 4:
         x[3] = x[5]  # a tie in the scores
-    tau = itm._sibling("kendall", "--truth").weighted_tau   # the one the CLI reports
+    tau = itm.sibling("kendall", "--truth").weighted_tau   # the one the CLI reports
     assert abs(tau(x, y) - st.weightedtau(x, y).statistic) <= 1e-12

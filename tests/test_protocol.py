@@ -61,7 +61,7 @@ def one_line_error(err):
 def serial(monkeypatch):
     # folds on one thread: np.errstate is per thread (a context variable), so strict_floats() then
     # covers every fold's arithmetic, not only the main thread's
-    monkeypatch.setattr(itm, "_cores", lambda: 1)
+    monkeypatch.setattr(itm, "cores", lambda: 1)
 
 
 POW2 = {np.float64: (-40, -3, 5, 60), np.float32: (-40, -3, 5, 60),
@@ -88,9 +88,9 @@ def test_power_of_two_factor_gives_bit_identical_scores(dtype, serial):
 
 def test_preprocessing_moves_by_exactly_the_power_of_two():
     X, _ = blobs(1, dtype=np.float64)
-    base = itm.preprocessing(X, "standardize")
+    base = itm.fit_preprocessing(X, "standardize")
     for k in (-40, 7, 60):
-        prep = itm.preprocessing(X * 2.0 ** k, "standardize")
+        prep = itm.fit_preprocessing(X * 2.0 ** k, "standardize")
         assert np.array_equal(prep.c, base.c * 2.0 ** k)
         assert np.array_equal(prep.s, base.s * 2.0 ** -k)
 
@@ -250,14 +250,14 @@ def test_fold_arrangements_give_the_same_scores(folds, monkeypatch):
     kw = {**KW, "folds": folds}
 
     def run(cores, fork_work):
-        monkeypatch.setattr(itm, "_cores", lambda: cores)
+        monkeypatch.setattr(itm, "cores", lambda: cores)
         monkeypatch.setattr(itm, "_FORK_WORK", fork_work)
         r = itm.itm_score(X, y, **kw)
         return r.fold_scores, r.trajectory, r.fold_n, r.losses.tolist()
 
     calls = []
-    fold_runs = itm._sibling("itm_parallel", "test").fold_runs
-    monkeypatch.setattr(itm._sibling("itm_parallel", "test"), "fold_runs",
+    fold_runs = itm.sibling("itm_parallel", "test").fold_runs
+    monkeypatch.setattr(itm.sibling("itm_parallel", "test"), "fold_runs",
                         lambda run, folds, workers: calls.append(folds) or fold_runs(run, folds, workers))
     serial = run(1, 1 << 60)
     assert run(2, 1 << 60) == serial                     # threads
