@@ -581,6 +581,9 @@ def logme(features, labels, *, variant="evidence"):
     X, y, C = _check_inputs(features, labels)
     N, D = X.shape
     sigma, x = _logme_spectrum(X, y, C, variant)
+    if sigma.size == 0 or not sigma[0] > 0:   # e.g. |x| ~ 1e-300: every product underflows to 0
+        raise ValueError("features have no non-zero eigenvalue in float64: their Gram matrix "
+                         "underflows (or overflows) at this scale")
     counts = np.bincount(y, minlength=C).astype(np.float64)
     if variant == "icml":
         ev = _logme_icml(sigma, x, counts, N, D)
@@ -1816,13 +1819,14 @@ def _parser():
     return p
 
 
-def _cli_executor(args):
+def _cli_executor(args, tasks):
     """The executor the pool runs on (None: serially, here), as a context manager: a Dask
-    cluster's (itm.make_executor: no Dask is a one-line error), or forked processes."""
+    cluster's (itm.make_executor: no Dask is a one-line error), or forked processes — never
+    more than there are tasks (``--jobs 10**20`` is as many as there are cells)."""
     if args.scheduler is not None:
         return itm.make_executor(args.scheduler)
-    if args.jobs > 1:
-        return itm.sibling("itm_parallel", "--jobs").fork_pool(args.jobs)
+    if min(args.jobs, tasks) > 1:
+        return itm.sibling("itm_parallel", "--jobs").fork_pool(min(args.jobs, tasks))
     return contextlib.nullcontext()
 
 
@@ -1837,7 +1841,10 @@ def _load_inputs(args, methods):
                          "maps — is scored by itm.py only")
     y, classes = itm.encode_labels(labels, min_count=1)
     for m, F in feature_sets.items():
-        if np.ndim(F) != 2 or np.shape(F)[0] != len(y):
+        if np.ndim(F) != 2:
+            raise ValueError(f"model {m!r}: features must be a 2-D array N×D (one row per "
+                             f"sample), got shape {np.shape(F)}")
+        if np.shape(F)[0] != len(y):
             raise ValueError(f"N mismatch: model {m!r} has features of shape {np.shape(F)} but "
                              f"labels have {len(y)} entries")
     reference = {}
@@ -1853,7 +1860,15 @@ def _load_reference(path):
     if not os.path.isfile(path):
         raise ValueError(f"--reference file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+    except ValueError:   # numpy's "pickled data" message for anything that is neither .npy nor .npz
+        raise ValueError(f"cannot read --reference file {path}: not an .npz archive") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read --reference file {path}: {itm.one_line(err)}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"--reference file {path}: expected an .npz with one array per model")
+    try:
+        with npz:
             return {k: npz[k] for k in npz.files if k != "labels"}
     except (OSError, ValueError, EOFError) as err:
         raise ValueError(f"cannot read --reference file {path}: {itm.one_line(err)}") from None
@@ -1892,13 +1907,18 @@ def _main(argv):
     feature_sets, labels, reference = _load_inputs(args, methods)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _cli_executor(args) as executor:
+        with _cli_executor(args, len(methods) * len(feature_sets)) as executor:
             result = score_pool(feature_sets, labels, methods, executor,
                                 progress=_progress_printer(args.quiet),
                                 reference_features=reference)
     for message in dict.fromkeys(itm.one_line(w.message) for w in caught):
         print(f"{PROG}: warning: {message}", file=sys.stderr)
     failed = sum(len(e) for e in result["errors"].values())
+    if failed == len(methods) * len(feature_sets):      # nothing scored: the first reason, exit 1
+        method = next(k for k in methods if result["errors"][k])
+        model, reason = next(iter(result["errors"][method].items()))
+        raise ValueError(f"no model could be scored by any method (the first: {method} / {model}: "
+                         f"{reason})")
     if failed:
         print(f"{PROG}: warning: {failed} of {len(methods) * len(feature_sets)} cells are "
               "n/a (the reasons are in the table / under \"errors\")", file=sys.stderr)

@@ -12,7 +12,7 @@ Writes the ``feats.npz`` that ``itm.py`` and ``baselines.py`` rank (one N x D ar
 ``timm:NAME`` and ``hf:REPO_ID`` (or ``hf:FOLDER``) name models of the two hubs, with their own preprocessing,
 weights from the hubs' caches (the extras ``timm`` and ``hf``). ``python extract.py --list`` shows every
 model (its pooling, preprocessing and weights) and dataset; ``--list --models NAME,...`` the rows of those
-models; the README describes the output, the models, the checkpoint conversion and the dense features.
+models; docs/usage.md describes the output, the models, the checkpoint conversion and the dense features.
 """
 from __future__ import annotations
 
@@ -142,7 +142,8 @@ def _check_model(name: str, checkpoint=None, arch: str | None = None, pool: str 
         raise ExtractError(f"unknown model {arch!r}; valid: {', '.join(available_models())}, "
                            "or a hub model timm:NAME, hf:REPO_ID, hf:FOLDER")
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ExtractError(f"checkpoint {checkpoint} does not exist")
+        raise ExtractError(f"checkpoint {checkpoint} " + ("is a folder, not a weights file" if Path(checkpoint).is_dir()
+                                                         else "does not exist"))
     if pool is not None and not _is_vit(arch):
         raise ExtractError(f"--pool applies to ViTs only, not to {arch}")
 
@@ -1021,16 +1022,48 @@ class NpzImages(torch.utils.data.Dataset):
     """Images + integer labels from an .npz: (PIL image, label) items."""
 
     def __init__(self, path: str | Path, split: str = "train"):
-        with np.load(path) as z:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError) as exc:  # numpy says "pickled data" of what is no .npy/.npz
+            raise ExtractError(f"cannot read {path}: " + ("not an .npz archive" if isinstance(exc, ValueError)
+                                                          else itm.one_line(exc))) from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ExtractError(f"{path}: expected an .npz of images and labels, got one array")
+        with z:
             pairs = [(f"{split}_images", f"{split}_labels"), (f"x_{split}", f"y_{split}"),
                      ("images", "labels"), ("x", "y")]
             found = next(((x, y) for x, y in pairs if x in z.files and y in z.files), None)
             if found is None:
                 raise ExtractError(f"{path}: no image/label arrays for split {split!r} "
                                    f"(looked for {', '.join('/'.join(p) for p in pairs)}; has {', '.join(z.files)})")
-            self.images, self.labels = z[found[0]], z[found[1]].reshape(-1).astype(np.int64)
-        if len(self.images) != len(self.labels):
-            raise ExtractError(f"{path}: {len(self.images)} images but {len(self.labels)} labels")
+            try:
+                self.images, labels = z[found[0]], z[found[1]].reshape(-1)
+            except (OSError, EOFError, ValueError) as exc:
+                raise ExtractError(f"cannot read {path}: {itm.one_line(exc)}") from None
+        self.labels = self._check(path, found, self.images, labels)
+
+    @staticmethod
+    def _check(path, names, images, labels) -> np.ndarray:
+        """The labels as int64, after refusing (one line) what would fail or go wrong image by image: images
+        that are not N×H×W, N×H×W×C (C = 1, 3, 4) or N×C×H×W (C = 1, 3), neither uint8 nor floats (in [0, 1],
+        read as such: other integers would saturate), non-finite floats, labels that are no integers."""
+        if len(images) != len(labels):
+            raise ExtractError(f"{path}: {len(images)} images but {len(labels)} labels")
+        shape, one = images.shape, images.shape[1:]
+        if len(one) == 3 and one[0] in (1, 3) and one[-1] not in (1, 3):  # C×H×W, as __getitem__ reads it
+            one = (*one[1:], one[0])
+        if not (len(one) == 2 or (len(one) == 3 and one[-1] in (1, 3, 4))) or min(one[:2], default=0) < 1 \
+                or not (images.dtype == np.uint8 or images.dtype.kind == "f"):
+            raise ExtractError(f"{path}: {names[0]} must be N×H×W, N×H×W×C (C = 1, 3 or 4) or N×C×H×W (C = 1 or "
+                               f"3), uint8 or floats in [0, 1]; got shape {shape} of {images.dtype}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise ExtractError(f"{path}: {names[0]} contain NaN/Inf values")
+        if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        if labels.dtype.kind not in "iub":
+            raise ExtractError(f"{path}: {names[1]} must be integer class ids, got {labels.dtype}"
+                               + (f" (e.g. {labels[0].item()!r})" if labels.size else ""))
+        return labels.astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -1083,6 +1116,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     if name in SEG_DATASETS:
         raise ExtractError(f"{name} is a segmentation dataset: use --dense")
     if name.endswith(".npz") or name == "npz":
+        if name == "npz" and root is None:
+            raise ExtractError("--dataset npz reads the .npz given as --root; or give --dataset PATH.npz")
         path = Path(root if name == "npz" else name)
         if not path.is_file():
             raise ExtractError(f"dataset file {path} does not exist")
@@ -1320,6 +1355,10 @@ def _prepare_run(model, items, batch_size, workers, device):
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    # never a larger batch than the dataset, nor more loading processes than batches (--workers 10**20
+    # would otherwise fork until memory runs out; --batch-size 10**20 overflows the sampler)
+    batch_size = max(1, min(batch_size, len(items)))
+    workers = min(workers, -(-len(items) // batch_size))
     loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False,
                                          num_workers=workers, pin_memory=dev.type == "cuda")
     ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -1349,6 +1388,9 @@ def run_model(model: nn.Module, transform, dataset, *, dense: bool = False, batc
     try:
         for out, t in _forward(model, dev, loader, ctx):
             f = out.numpy()
+            finite = np.isfinite(f).reshape(len(f), -1).all(axis=1)
+            if not finite.all():                         # itm.py and baselines.py would refuse them later
+                raise ExtractError(f"{desc}: the model gave NaN/Inf features (image {n + int(np.argmin(finite))})")
             if dtype == "float16" and np.abs(f).max(initial=0) > np.finfo(np.float16).max:
                 raise ExtractError(f"{desc}: features exceed the float16 range; use --dtype float32")
             if feats is None:  # preallocated in the output dtype: N x h x w x D float32 can be GBs
@@ -1472,6 +1514,9 @@ def _check_options(out: Path, *, dense, limit, size, checkpoint, arch, pool, bat
                                  ("--limit", limit, 1), ("--size", size, 1)):
         if value is not None and value < least:
             raise ExtractError(f"{option} must be ≥ {least}, got {value}")
+    most = 8 * (os.cpu_count() or 1)                 # each worker is a process: a typo must not fork thousands
+    if workers is not None and workers > most:
+        raise ExtractError(f"--workers must be ≤ {most} (8 data-loading processes per core), got {workers}")
     if dtype not in ("float16", "float32"):
         raise ExtractError(f"--dtype must be float16 or float32, got {dtype!r}")
     if arch is not None and checkpoint is None:

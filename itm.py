@@ -192,6 +192,10 @@ def _check_types(cfg):
             raise TypeError(f"Config.{f.name} must be {want}, got {value!r}")
 
 
+_MAX_N = 10 ** 9                 # deparametric steps: far beyond any adaptive n, inside a 64-bit integer
+_MAX_BATCH_ROWS = 1 << 27        # iterations × batch_size: the plan's row indices, 1 GiB of int64
+
+
 def _check_values(cfg):
     """Every field within its range or its choices; the errors name the field."""
     for name in ("iterations", "batch_size", "eval_every", "n_b", "folds"):
@@ -201,9 +205,18 @@ def _check_values(cfg):
         raise ValueError(f"Config.seed must be ≥ 0, got {cfg.seed}")
     if cfg.latent_dim is not None and cfg.latent_dim < 1:
         raise ValueError(f"Config.latent_dim must be ≥ 1 (or None for K), got {cfg.latent_dim}")
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"Config.{f.name} must be a finite number, got {getattr(cfg, f.name)}")
     for name in ("eta", "lr", "eta0", "dis_b", "adam_eps"):
         if not float(getattr(cfg, name)) > 0:
             raise ValueError(f"Config.{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("n", "n_b"):                        # (1 − ηλ)ⁿ and the loops take n as a 64-bit integer
+        if getattr(cfg, name) is not None and getattr(cfg, name) > _MAX_N:
+            raise ValueError(f"Config.{name} must be ≤ {_MAX_N:,}, got {getattr(cfg, name)}")
+    if cfg.iterations * cfg.batch_size > _MAX_BATCH_ROWS:   # the plan holds every batch's row indices
+        raise ValueError(f"Config.iterations × batch_size = {cfg.iterations * cfg.batch_size:,} row indices "
+                         f"(the plan's batches) is more than {_MAX_BATCH_ROWS:,}; pass fewer iterations")
     if not 0 < cfg.eta0 < 1:
         raise ValueError(f"Config.eta0 must be in (0, 1), got {cfg.eta0}")
     if cfg.weight_decay < 0 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
@@ -801,6 +814,11 @@ def _as_rows(features):
     return features.reshape(-1, features.shape[-1]) if features.ndim == 4 else features
 
 
+def _plain(value):
+    """A label as Python has it (0, 'daisy'), not as NumPy prints it (np.int64(0))."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def encode_labels(labels, N=None, min_count=2, min_classes=2, what="features"):
     """Map labels (ints, integral floats, bools or strings; 1-D or an N×1 column) to 0..K−1; returns
     (y, classes) with classes[y] == labels. N: the rows of `what` they label. Every module's labels pass
@@ -821,7 +839,7 @@ def encode_labels(labels, N=None, min_count=2, min_classes=2, what="features"):
         frac = labels != np.round(labels)
         if np.any(frac):
             raise ValueError(f"labels must be integer class ids or strings, got the non-integer float "
-                             f"label {labels[frac][0]!r}")
+                             f"label {labels[frac][0].item()!r}")
         labels = labels.astype(np.int64)
     elif labels.dtype.kind not in "iubUSO":
         raise ValueError(f"labels must be integers or strings, got dtype {labels.dtype}")
@@ -832,7 +850,8 @@ def encode_labels(labels, N=None, min_count=2, min_classes=2, what="features"):
         raise ValueError(f"labels mix types ({', '.join(kinds)}); give one type: integer ids or "
                          "strings") from None
     if classes.size < min_classes:
-        raise ValueError(f"labels contain a single class ({classes[0]!r}); ranking needs at least 2 classes")
+        raise ValueError(f"labels contain a single class ({_plain(classes[0])!r}); ranking needs at least 2 "
+                         "classes")
     counts = np.bincount(y)
     if counts.min() < min_count:
         lonely = [str(classes[k]) for k in np.flatnonzero(counts < min_count)[:5]]
@@ -1085,6 +1104,9 @@ def adaptive_n(F, rows, y, K, cfg, stats=None):
     inv_std = np.where(std > 1e-12 * (1.0 + np.abs(sums.sum(0) / N)), 1.0 / np.where(std > 0, std, 1), 0)
     means = sums / np.maximum(np.bincount(y[rows], minlength=K), 1)[:, None]
     dis = sum(distance_sum(X, cls, means, inv_std) for X, cls in _stream(F, rows, y, _work_dtype(F))) / N
+    if not math.isfinite(dis):
+        raise ValueError("the preprocessed features are not finite: an entry overflows float64 once centred; "
+                         "divide the features by a large power of two")
     if dis <= 0:
         return max(cfg.n_b, 1), dis
     n = math.ceil(math.log(cfg.dis_b / dis) / math.log(1.0 - cfg.eta0)) + cfg.n_b
@@ -1462,7 +1484,9 @@ def score_grid(feature_sets, labels, configs, progress=None, jobs=1, executor=No
         if isinstance(outcome, BaseException):
             if errors == "raise":
                 raise outcome
-            outcome = Result(score=float("nan"), trajectory=[], n=0, seconds=0.0, error=one_line(outcome))
+            reason = one_line(outcome) if isinstance(outcome, ValueError) else \
+                f"model {name!r}: {type(outcome).__name__}: {one_line(outcome)}"
+            outcome = Result(score=float("nan"), trajectory=[], n=0, seconds=0.0, error=reason)
         done[name, i] = outcome
         if progress is not None:
             progress(len(done), len(tasks), name, outcome)
@@ -1475,12 +1499,15 @@ def cores():
 
 
 def score_model(name, feats, labels, cfg, threads=1):
-    """A model's Result, or the ValueError (naming the model) that its input raised — returned, not
-    raised, so an executor neither logs nor retries a failure that would only repeat."""
+    """A model's Result, or the exception its run raised — returned, not raised, so an executor neither
+    logs nor retries a failure that would only repeat, and one model's failure stays that model's (a
+    ValueError of its input says which model)."""
     try:
         return _score(feats, labels, cfg, threads)
     except ValueError as err:
         return ValueError(f"model {name!r}: {err}")
+    except Exception as err:  # noqa: BLE001 — one model's failure is that model's, here as on a worker
+        return err
 
 
 def _run_tasks(feature_sets, labels, configs, tasks, jobs, executor):
@@ -1784,7 +1811,9 @@ def _load_npy(path, mmap=False, what="features"):
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"{what} file not found: {path}") from None
-    except (OSError, ValueError, EOFError) as err:
+    except ValueError:   # numpy's "pickled data" message for anything that is not a .npy file
+        raise ValueError(f"cannot read {what} file {path}: not a .npy array") from None
+    except (OSError, EOFError) as err:
         raise ValueError(f"cannot read {what} file {path}: {one_line(err)}") from None
 
 
@@ -2144,7 +2173,7 @@ def _inputs(args, log):
             truth = None
             log("itm: τ_w against the fine-tuned accuracies needs kendall.py beside itm.py; not shown")
     else:
-        models = args.models.split(",") if args.models else None
+        models = [m.strip() for m in args.models.split(",")] if args.models else None
         feature_sets, labels = load_features(args.features, args.labels, models)
         dataset = dataset_name(args.features)
         truth = _truth(args, dataset, feature_sets) if args.truth else None

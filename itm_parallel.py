@@ -71,6 +71,9 @@ def make_executor(scheduler):
             workers = scheduler[len("local:"):]
             if not workers.isdigit() or int(workers) < 1:
                 raise ValueError(f"--scheduler local:N needs N ≥ 1 workers, got {scheduler!r}")
+            if int(workers) > 8 * itm.cores():           # each worker is a process of its own
+                raise ValueError(f"--scheduler local:N: at most {8 * itm.cores()} worker processes on this "
+                                 f"machine ({itm.cores()} cores), got {workers}")
             stack.enter_context(_without_malloc_trim())
             cluster = stack.enter_context(LocalCluster(n_workers=int(workers), threads_per_worker=1,
                                                        processes=True, dashboard_address=None))

@@ -207,7 +207,7 @@ def _stability_np(S, g, subsets, table, additive):
 def _vector(a, name):
     try:
         v = np.asarray(a, dtype=np.float64)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an integer beyond float64 (1e400)
         raise ValueError(f"{name} must be numbers ({e})") from None
     if v.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {v.shape}")
@@ -556,7 +556,7 @@ def _load_json(path, what):
         raise ValueError(f"{what} file not found: {path}") from None
     except OSError as e:
         raise ValueError(f"cannot read {what} file {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise ValueError(f"{what} file {path} is not valid JSON: {itm.one_line(e)}") from None
 
 
@@ -574,7 +574,7 @@ def truth_table(path, target=None, dataset=None):
     if not isinstance(doc, dict) or not doc:
         raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}}")
     if _is_table(doc):
-        return None, {k: float(v) for k, v in doc.items()}
+        return None, _accuracies(path, doc)
     tables = {k: v for k, v in doc.items() if isinstance(v, dict) and v and _is_table(v)}
     if not tables:
         raise ValueError(f"{path} must be a JSON object {{model: fine-tuned accuracy}} or "
@@ -587,7 +587,21 @@ def truth_table(path, target=None, dataset=None):
                          f"{dataset!r}; pick one with --target NAME" if dataset is not None else
                          f"{path} holds {len(tables)} tables ({', '.join(tables)}); pick one with --target NAME")
     name = name if name is not None else next(iter(tables))
-    return name, {k: float(v) for k, v in tables[name].items()}
+    return name, _accuracies(path, tables[name])
+
+
+def _accuracies(path, table):
+    """{model: float}, refusing (one line, naming the model) what is no finite number: JSON's NaN and
+    Infinity, or an integer beyond float64 (json reads 1e400 as inf and 10**400 as an int)."""
+    out = {}
+    for model, v in table.items():
+        try:
+            out[model] = float(v)
+        except OverflowError:
+            out[model], v = math.inf, "an integer beyond the float range"
+        if not math.isfinite(out[model]):
+            raise ValueError(f"truth file {path}: the accuracy of {model!r} is {v}, not a finite number")
+    return out
 
 
 def _is_table(d):
@@ -787,6 +801,13 @@ def _jsonable(obj):
 
 def _run(args):
     """-> the text for stdout."""
+    try:
+        return _run_checked(args)
+    except ValueError as err:  # the library's advice in the command line's words
+        raise ValueError(str(err).replace("use missing='drop'", "use --missing drop")) from None
+
+
+def _run_checked(args):
     scores, truth, single = _gather(args)
     scores, truth, nulls = _clean(scores, truth)
     if args.stability is not None:

@@ -57,7 +57,7 @@ def test_alone_it_scores_on_any_executor_and_names_the_missing_sibling(tmp_path)
     assert out.returncode == 0, out.stderr
     same, err = json.loads(out.stdout)
     assert same and "itm_parallel.py" in err, err
-    np = pytest.importorskip("numpy")
+    import numpy as np        # a hard dependency: a broken install fails here, it is not skipped
     feats = tmp_path / "f.npz"
     np.savez(feats, a=np.random.default_rng(0).standard_normal((60, 4)), labels=np.arange(60) % 2)
     (tmp_path / "truth.json").write_text('{"a": 1.0}')
