@@ -1,5 +1,5 @@
 """ITM's preprocessing × folds ablation on a benchmark target: τ_w per seed against the fine-tuning
-ground truth (the numbers of the README's "Choosing the defaults" table and DESIGN.md §0).
+ground truth (the numbers of DESIGN.md §0).
 
     python bench/ablation_itm.py --features FEATS.npz --truth groundtruth.json --target flowers17 \
         --out ablation.json [--seeds 10] [--fold-seeds 5]

@@ -11,8 +11,10 @@ Usage::
     python bench/accuracy.py --scheduler local:4    # ... on a Dask cluster (itm.make_executor)
     python bench/accuracy.py --shared DIR           # the benchmark folder: DIR/te_bench/{features/,
                                                     #   groundtruth.json, models.json}
-    python bench/accuracy.py --readme README.md     # run, then replace the README's results region
-    python bench/accuracy.py --readme README.md --readme-only   # paste the existing results.md only
+    python bench/accuracy.py --readme README.md --docs docs/results.md   # run, then replace the README's
+                                                    #   trust table and docs/results.md's tables
+    python bench/accuracy.py --readme README.md --docs docs/results.md --readme-only   # from the stored
+                                                    #   <out>/results.json, run nothing
     pytest bench/bench_accuracy.py --benchmark-only # timing side: ITM vs each baseline, one model
 
 This file is the pipeline (load, score, evaluate); bench/report.py writes the tables, the README region
@@ -935,8 +937,12 @@ def parse_args(argv):
     a("--cache", metavar="FILE", help="keep every ITM run in this JSON-lines file and reuse the runs it "
       "holds (same target, Config and seed): an interrupted run resumes")
     a("--no-figures", action="store_true")
-    a("--readme", metavar="PATH", help="replace the <!-- results:begin/end --> region of this file")
-    a("--readme-only", action="store_true", help="with --readme: paste <out>/results.md, run nothing")
+    a("--readme", metavar="PATH", help="replace the <!-- trust:begin/end --> region of this file (README.md) "
+      "with the trust table")
+    a("--docs", metavar="PATH", help="replace the <!-- results:begin/end --> region of this file "
+      "(docs/results.md) with every table")
+    a("--readme-only", action="store_true", help="with --readme and/or --docs: render <out>/results.json "
+      "into them, run nothing")
     return p.parse_args(argv)
 
 
@@ -998,8 +1004,7 @@ def prepare(args):
         raise ValueError("--scheduler: this itm.py has no make_executor")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out: {args.out} is not a folder")
-    if args.readme:
-        report.check_readme(args.readme)
+    _check_pages(args)
     bench = find_bench_dir(args.shared)
     _check_names(args, bench)
     if args.models_json and not Path(args.models_json).is_file():
@@ -1024,11 +1029,29 @@ def command_line(argv):
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--readme", "--cache"):
+        elif a in ("--readme", "--docs", "--cache"):
             skip = True
-        elif not a.startswith(("--readme", "--cache=")):
+        elif not a.startswith(("--readme", "--docs=", "--cache=")):
             keep.append(a)
     return " ".join(["python bench/accuracy.py"] + [shlex.quote(a) for a in keep])
+
+
+def _check_pages(args):
+    """--readme and --docs name files with their region's markers, before any work."""
+    if args.readme:
+        report.check_region(args.readme, "--readme", report.TRUST_BEGIN, report.TRUST_END)
+    if args.docs:
+        report.check_region(args.docs, "--docs")
+
+
+def _write_pages(args, results):
+    """The trust table into --readme, every table into --docs (figure links relative to that page)."""
+    if args.readme:
+        report.update_region(args.readme, report.render_trust(results), report.TRUST_BEGIN, report.TRUST_END)
+        log(f"replaced the trust region of {args.readme}")
+    if args.docs:
+        report.update_region(args.docs, report.render(results, Path(args.docs).resolve().parent))
+        log(f"replaced the results region of {args.docs}")
 
 
 def _main(argv):
@@ -1036,13 +1059,13 @@ def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.readme_only:
-        if not args.readme:
-            raise ValueError("--readme-only needs --readme PATH")
-        md = Path(args.out) / "results.md"
-        if not md.is_file():
-            raise ValueError(f"--readme-only: no {md} (run without --readme-only first)")
-        report.update_readme(args.readme, md.read_text(encoding="utf-8"))
-        log(f"pasted {md} into {args.readme}")
+        if not (args.readme or args.docs):
+            raise ValueError("--readme-only needs --readme PATH or --docs PATH")
+        _check_pages(args)
+        stored = Path(args.out) / "results.json"
+        if not stored.is_file():
+            raise ValueError(f"--readme-only: no {stored} (run without --readme-only first)")
+        _write_pages(args, json.loads(stored.read_text(encoding="utf-8")))
         return 0
     kwargs = prepare(args)
     with make_executor(args.jobs, args.scheduler) as executor:
@@ -1051,9 +1074,7 @@ def _main(argv):
     md = report.write_outputs(results, arrays, args.out, figures=not args.no_figures, start=start)
     print(md)
     log(f"wrote {args.out}/results.md, results.json; total wall time {results['wall_seconds']:.0f} s")
-    if args.readme:
-        report.update_readme(args.readme, md)
-        log(f"replaced the results region of {args.readme}")
+    _write_pages(args, results)
     return 0
 
 

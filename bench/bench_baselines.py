@@ -90,7 +90,7 @@ def test_small(benchmark, name):
 
 @pytest.mark.benchmark(group="baselines N=3000 D=128 C=10")
 def test_small_itm(benchmark):
-    """ITM at default settings on the same set, in the same run, for the README's side-by-side table."""
+    """ITM at default settings on the same set, in the same run, for docs/speed.md's side-by-side table."""
     import itm
     X, y = section5()
     itm.itm_score(X, y, iterations=2, eval_every=1)   # compile itm's kernels outside the timing

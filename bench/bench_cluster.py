@@ -1,4 +1,4 @@
-"""The README's cluster line: one pool of 8 models × 3 seeds (the bundled Flowers-17 example, default
+"""docs/usage.md's cluster table: one pool of 8 models × 3 seeds (the bundled Flowers-17 example, default
 Config) scored serially, with jobs=2 (forked processes) and on a Dask LocalCluster of 2 workers
 (`--scheduler local:2`), in one run; the scores must be identical in all three.
 

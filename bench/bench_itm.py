@@ -1,7 +1,9 @@
-"""Speed of itm.py: pytest-benchmark cases, and a script that prints the README's timing table.
+"""Speed of itm.py: pytest-benchmark cases, and a script that writes the speed tables (README.md, docs/speed.md).
 
     pytest bench/bench_itm.py --benchmark-only        # the cases below, medians by pytest-benchmark
-    python bench/bench_itm.py [--rounds 3] [--quick]  # the README table: ITM vs its FLOP floor vs torch
+    python bench/bench_itm.py [--rounds 3] [--quick]  # the speed tables: ITM vs its FLOP floor vs torch
+    python bench/bench_itm.py --readme README.md --docs docs/speed.md   # ... written into their regions
+    python bench/bench_itm.py --compare OTHER/itm.py   # this itm.py against another, interleaved
 
 Features are synthetic float32 arrays shaped like the paper's targets (CIFAR-100 on ResNet-50: N=50,000,
 D=2048, K=100), class-structured so that training behaves as on real data. The FLOP floor is the same count
@@ -15,6 +17,8 @@ fold's plan; the script sets the default beside k × floor and beside the paper'
 Ratios are what to read; absolute seconds depend on the machine and on what else runs on it.
 """
 import argparse
+import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,6 +29,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itm  # noqa: E402
+import report  # noqa: E402  (bench/report.py: the docs' regions)
+
+SPEED_BEGIN, SPEED_END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
 SHAPES = {  # name: (N, D, K)
     "cifar100_r50": (50_000, 2048, 100),
@@ -263,7 +270,7 @@ def test_dense_equivalent_classification(benchmark, dense):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The README table
+# The speed tables
 
 def median_seconds(rounds, fn, *args):
     times = []
@@ -274,26 +281,61 @@ def median_seconds(rounds, fn, *args):
     return float(np.median(times))
 
 
-def shape_row(N, D, K, rounds, with_torch):
-    """One row of the README table: the default (k folds) beside k × its floors, the paper protocol
-    (one split) beside its floor, the NumPy-only default, the naive torch run of the paper protocol."""
+def shape_values(N, D, K, rounds, with_torch):
+    """One shape's timings: the default (k folds) beside k × its floors, the paper protocol (one split)
+    beside its floor, the NumPy-only default, the naive torch run of the paper protocol (seconds)."""
     F, y = synthetic(N, D, K)
     itm.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)
     cfg, paper = itm.Config(), itm.preset("paper")
     plans = [itm.make_plan(F, y, cfg, fold=f) for f in range(cfg.folds)]
-    ours = median_seconds(rounds, itm.itm_score, F, y, cfg)
-    floor = float(np.median([folds_floor(F, plans, cfg) for _ in range(rounds)]))
-    eigh = float(np.median([sum(spectral_floor(p, cfg) for p in plans) for _ in range(rounds)]))
-    ours_paper = median_seconds(rounds, itm.itm_score, F, y, paper)
+    v = dict(shape=f"{N:,} × {D}, K={K}", ours=median_seconds(rounds, itm.itm_score, F, y, cfg),
+             floor=float(np.median([folds_floor(F, plans, cfg) for _ in range(rounds)])),
+             eigh=float(np.median([sum(spectral_floor(p, cfg) for p in plans) for _ in range(rounds)])),
+             paper=median_seconds(rounds, itm.itm_score, F, y, paper))
     paper_plan = itm.make_plan(F, y, paper)
-    floor_paper = float(np.median([flop_floor(F, paper_plan, paper) for _ in range(rounds)]))
+    v["paper_floor"] = float(np.median([flop_floor(F, paper_plan, paper) for _ in range(rounds)]))
     itm.USE_NUMBA = False
-    numpy_only = median_seconds(1, itm.itm_score, F, y, cfg)
+    v["numpy_only"] = median_seconds(1, itm.itm_score, F, y, cfg)
     itm.USE_NUMBA = itm.HAVE_NUMBA
-    naive = torch_naive_seconds(F, y, paper) if with_torch else float("nan")
-    return (f"| {N:,} × {D}, K={K} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {floor + eigh:.2f} | "
-            f"{ours / (floor + eigh):.2f} | {ours_paper:.2f} | {floor_paper:.2f} | {ours_paper / floor_paper:.2f} | "
-            f"{ours / ours_paper:.2f} | {numpy_only:.2f} | {naive:.1f} | {naive / ours_paper:.1f}× |")
+    v["naive"] = torch_naive_seconds(F, y, paper) if with_torch else float("nan")
+    return v
+
+
+FULL_HEADER = ("| features (N × D, K) | ITM default s (k = {k} folds) | k × FLOP floor s | ITM / floor | "
+               "k × (floor + eigh) s | ITM / (floor + eigh) | paper protocol s (one split) | its floor s | "
+               "paper / floor | default / paper | NumPy-only default s | torch naive s (paper protocol, scaled) | "
+               "torch / ITM paper |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def full_row(v):
+    return (f"| {v['shape']} | {v['ours']:.2f} | {v['floor']:.2f} | {v['ours'] / v['floor']:.2f} | "
+            f"{v['floor'] + v['eigh']:.2f} | {v['ours'] / (v['floor'] + v['eigh']):.2f} | {v['paper']:.2f} | "
+            f"{v['paper_floor']:.2f} | {v['paper'] / v['paper_floor']:.2f} | {v['ours'] / v['paper']:.2f} | "
+            f"{v['numpy_only']:.2f} | {v['naive']:.1f} | {v['naive'] / v['paper']:.1f}× |")
+
+
+def short_table(values, dense_seconds):
+    """The README's table: at most four rows, seconds per model."""
+    lines = [f"| features (N × D, K) | ITM default, {itm.Config().folds} folds | paper protocol, one split | "
+             "naive torch (paper protocol) |", "|---|---|---|---|"]
+    lines += [f"| {v['shape']} | {v['ours']:.1f} s | {v['paper']:.1f} s | {v['naive']:.0f} s |" for v in values]
+    return lines + [f"| segmentation: 2,000 images × 14×14 × 768, K=12 | {dense_seconds:.1f} s | — | — |"]
+
+
+def machine():
+    """This machine in words: the CPU model, its cores, numpy's and numba's versions."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    numba = f", numba {itm.numba.__version__}" if itm.HAVE_NUMBA else ", without numba"
+    return f"{model}, {os.cpu_count()} cores, numpy {np.__version__}{numba}"
+
+
+def stamp(argv, rounds):
+    return (f"Measured by `python bench/bench_itm.py{''.join(' ' + a for a in argv)}` on "
+            f"{time.strftime('%Y-%m-%d')} ({machine()}); medians of {rounds} runs, seconds per model, "
+            "synthetic float32 features of the given shape, 500 iterations, B = 256.")
 
 
 BRIEF_SECONDS = 8.0   # the project's brief: one model of the CIFAR-100 shape in at most this (DESIGN.md §1c)
@@ -317,42 +359,90 @@ def cost_table(rounds, folds=(1, 2, 3, 4, 5), readings=()):
     return "\n".join(lines)
 
 
+def compare(other_path, rounds, shapes):
+    """This itm.py against another (a file path: e.g. a worktree of an earlier commit), interleaved in one
+    process, the default Config and the paper preset at each shape: medians of `rounds`."""
+    spec = importlib.util.spec_from_file_location("itm_other", other_path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    lines = ["| features (N × D, K) | Config | this itm.py s | other itm.py s | this / other |", "|---|---|---|---|---|"]
+    for name in shapes:
+        F, y = synthetic(*SHAPES[name])
+        for module in (itm, other):
+            module.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)
+        for label in ("default", "paper"):
+            times = {itm: [], other: []}
+            for _ in range(rounds):
+                for module in (itm, other):
+                    times[module].append(median_seconds(1, module.itm_score, F, y, module.preset(label)))
+            a, b = (float(np.median(times[m])) for m in (itm, other))
+            lines.append(f"| {_shape_name(name)} | {label} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def _shape_name(name):
+    N, D, K = SHAPES[name]
+    return f"{N:,} × {D}, K={K}"
+
+
+def dense_line(rounds):
+    F, maps = synthetic_dense()
+    itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
+    dense_s = median_seconds(rounds, itm.itm_score, F, maps)
+    rows, labels = flattened(F, maps)
+    cls_s = median_seconds(1, itm.itm_score, rows, labels)
+    line = (f"segmentation, 2,000 images × 14×14 × D=768, K=12 (float16): {dense_s:.2f} s; the same labelled "
+            f"positions as a classification run, same iterations: {cls_s:.2f} s (ratio {dense_s / cls_s:.2f})")
+    return dense_s, line
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="only the CIFAR-100-shaped case")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--cost", action="store_true", help="only DESIGN.md §1c's cost table: one model of the "
                    "CIFAR-100 shape with folds 1–5, the presets and the §1d reading")
+    p.add_argument("--compare", metavar="ITM_PY", help="only: this itm.py against another itm.py file, "
+                   "interleaved (the default and the paper preset at the CIFAR-100 and K=10 shapes)")
+    p.add_argument("--readme", metavar="PATH", help="write the short table into the <!-- speed:begin/end --> "
+                   "region of this file (README.md)")
+    p.add_argument("--docs", metavar="PATH", help="write every table into the <!-- speed:begin/end --> "
+                   "region of this file (docs/speed.md)")
     args = p.parse_args(argv)
+    for path in (args.readme, args.docs):
+        if path:
+            report.check_region(path, "--readme/--docs", SPEED_BEGIN, SPEED_END)
     if args.cost:
         print(cost_table(args.rounds, readings=[("c_scale=B/Z, score_by=centres",
                                                   dict(c_scale="B/Z", score_by="centres"))]))
         return 0
-    k = itm.Config().folds
-    print(f"| features (N × D, K) | ITM default s (k = {k} folds) | k × FLOP floor s | ITM / floor | "
-          "k × (floor + eigh) s | ITM / (floor + eigh) | paper protocol s (one split) | its floor s | "
-          "paper / floor | default / paper | NumPy-only default s | torch naive s (paper protocol, scaled) | "
-          "torch / ITM paper |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.compare:
+        print(compare(args.compare, args.rounds, ["cifar100_r50", "k10_d768"]))
+        return 0
+    shown = [a for a in argv if not a.startswith(("--readme", "--docs")) and a not in (args.readme, args.docs)]
+    full = [stamp(shown, args.rounds), "", FULL_HEADER.format(k=itm.Config().folds)]
+    values = []
     for name in (["cifar100_r50"] if args.quick else SHAPES):
-        print(shape_row(*SHAPES[name], args.rounds, not args.no_torch), flush=True)
-    F, maps = synthetic_dense()
-    itm.itm_score(F[:40], maps[:40], iterations=2, eval_every=1)
-    dense_s = median_seconds(1, itm.itm_score, F, maps)
-    rows, labels = flattened(F, maps)
-    cls_s = median_seconds(1, itm.itm_score, rows, labels)
-    print(f"\nsegmentation, 2,000 images × 14×14 × D=768, K=12 (float16): {dense_s:.2f} s; the same "
-          f"labelled positions as a classification run, same iterations: {cls_s:.2f} s "
-          f"(ratio {dense_s / cls_s:.2f})")
-    del F, rows
+        values.append(shape_values(*SHAPES[name], args.rounds, not args.no_torch))
+        full.append(full_row(values[-1]))
+        print(full[-1], file=sys.stderr, flush=True)
+    dense_s, line = dense_line(1)
     N, D, K = SHAPES["cifar100_r50"]
     one, two = (rank_seconds_per_model(N, D, K, 4, jobs) for jobs in (1, 2))
-    print(f"\nranking 4 models of the CIFAR-100 shape: {one:.2f} s per model with jobs=1, {two:.2f} s per "
-          f"model with jobs=2 (two processes, one BLAS thread each)")
     before, after, feats = peak_memory_mb(*SHAPES["cifar100_r50"])
-    print(f"\npeak RSS (CIFAR-100 shape): {before:.0f} MB after building the {feats:.0f} MB features, "
-          f"{after:.0f} MB after scoring (budget 1.2 × features + 300 MB above the interpreter)")
+    full += ["", line, "", f"ranking 4 models of the CIFAR-100 shape: {one:.2f} s per model with jobs=1, "
+             f"{two:.2f} s per model with jobs=2 (two processes, one BLAS thread each)", "",
+             f"peak RSS (CIFAR-100 shape): {before:.0f} MB after building the {feats:.0f} MB features, "
+             f"{after:.0f} MB after scoring (budget 1.2 × features + 300 MB above the interpreter)"]
+    print("\n".join(full))
+    if args.readme:
+        report.update_region(args.readme, "\n".join([stamp(shown, args.rounds), ""] + short_table(values, dense_s)),
+                             SPEED_BEGIN, SPEED_END)
+    if args.docs:
+        report.update_region(args.docs, "\n".join(full), SPEED_BEGIN, SPEED_END)
     return 0
 
 

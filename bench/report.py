@@ -1,8 +1,9 @@
-"""The report of bench/accuracy.py: markdown tables, the README's results region and the figures.
+"""The report of bench/accuracy.py: markdown tables, docs/results.md's region, the README's trust table and the
+figures.
 
 Nothing here scores or evaluates: every number comes from the results dict that ``accuracy.run`` returns,
-and every sentence of the "Reading" is generated from those numbers, so the README never carries a typed
-claim. Row names come from ``results["labels"]`` (ITM rows: named from their Config; baselines:
+and every sentence of the "Reading" and of the README's trust table is generated from those numbers, so the
+docs never carry a typed claim. Row names come from ``results["labels"]`` (ITM rows: named from their Config; baselines:
 ``baselines.DISPLAY_NAMES``) and from each ablation row's own ``name``.
 """
 from __future__ import annotations
@@ -336,6 +337,73 @@ def _subset_words(s):
     return f"all C({s['pool']}, {s['k']}) = {s['of']:,} subsets of {s['k']} models"
 
 
+# ------------------------------------------------------------------------- the README's trust table
+
+TRUST_BEGIN, TRUST_END = "<!-- trust:begin -->", "<!-- trust:end -->"
+SHORT_NAMES = {"probe_knn": "k-NN probe"}
+
+
+def _best(results, t, keys):
+    """(τ_w, name) of the highest of `keys` on target t, or None."""
+    vals = {k: _tau(results["targets"][t]["methods"][k]) for k in keys if k in results["targets"][t]["methods"]}
+    vals = {k: v for k, v in vals.items() if v is not None}
+    if not vals:
+        return None
+    top = max(vals, key=vals.get)
+    return vals[top], name(results, top)
+
+
+def _best_cell(best):
+    return "n/a" if best is None else f"{fmt(best[0])} ({best[1]})"
+
+
+def trust_rows(results):
+    """Per target: ITM's default over the seeds, the best other method there (baselines and probes), the best
+    static prior, the k-NN probe and the noise ceiling, as τ_w."""
+    rows = []
+    for t, res in results["targets"].items():
+        r = res["methods"]["itm"]
+        itm_cell = _na(r["error"]) if r.get("error") else fmt_pm(r["metrics"]["tau_w"]["mean"],
+                                                                 r["metrics"]["tau_w"]["std"])
+        knn = res["methods"].get("probe_knn")
+        rows.append([f"{t} ({len(res['models'])} models{'' if res.get('complete') else ', truth provisional'})",
+                     itm_cell, _best_cell(_best(results, t, results["methods"])),
+                     _best_cell(_best(results, t, results["priors"])), fmt(_tau(knn)) if knn else "n/a",
+                     fmt((res.get("noise_ceiling") or {}).get("mean"))])
+    n = len(results["seeds"])
+    return md_table(["target", f"ITM default ({n} seeds)", "best other method", "best static prior",
+                     "k-NN probe", "noise ceiling"], rows)
+
+
+def trust_words(results):
+    """Two or three plain sentences on the table, generated from its numbers."""
+    above, below = [], []
+    for t, res in results["targets"].items():
+        r, prior = res["methods"]["itm"], _best(results, t, results["priors"])
+        if r.get("error") or prior is None:
+            continue
+        (above if r["metrics"]["tau_w"]["mean"] > prior[0] else below).append(t)
+    words = ["τ_w is 1 when the scores order the models as fine-tuning does and about 0 for a random order; "
+             "the noise ceiling is what a perfect ranking scores against the truth re-drawn with its own "
+             "sampling noise. A static prior never looks at the target data (e.g. larger models first)."]
+    if above:
+        words.append(f"ITM beats every static prior on {', '.join(above)}" +
+                     (f", but not on {', '.join(below)}: there its ranking adds nothing to the prior." if below
+                      else "."))
+    elif below:
+        words.append(f"ITM does not beat the best static prior on {', '.join(below)}.")
+    words.append("Read a ranking as \"whose frozen features separate these classes best\", which is often, not "
+                 "always, the model that fine-tunes best.")
+    return words
+
+
+def render_trust(results):
+    """The README's region: the trust table, its sentences, the command that made them."""
+    return "\n".join(trust_rows(results) + [""] + [" ".join(trust_words(results))] + [
+        "", f"(`{results.get('command', 'python bench/accuracy.py')}`; every table: "
+        "[docs/results.md](docs/results.md).)"]) + "\n"
+
+
 # ----------------------------------------------------------------------------------- generated reading
 
 def _tau(res):
@@ -564,8 +632,9 @@ def _target_section(results, t):
     return out + ["", "</details>"]
 
 
-def render(results, link_root=ROOT):
-    """The README fragment (markdown), from the results dict."""
+def render(results, page_folder=ROOT):
+    """docs/results.md's region (markdown), from the results dict; figure links are relative to page_folder
+    (where the page that shows them lies; the figures' paths are stored relative to the repository)."""
     st, n = results["settings"], len(results["seeds"])
     out = ["### Where ITM ranks well, and where it does not", "",
            "τ_w against each target's fine-tuned accuracies: ITM's default (mean ± sd over seeds), the "
@@ -586,7 +655,7 @@ def render(results, link_root=ROOT):
             continue
         out += [f"{t}: τ_w on {_subset_words(s)}.", ""] + stability_table(results, s) + [""]
     for t, f in results.get("figures", {}).items():
-        out += [f"![{t}: {kind}]({p})" for kind, p in sorted(f.items())] + [""]
+        out += [f"![{t}: {kind}]({_link(ROOT / p, page_folder)})" for kind, p in sorted(f.items())] + [""]
     if results.get("ablation"):
         out += ["### ITM ablation (one option varied at a time from the default)", ""]
         for t in results["ablation"]:
@@ -611,20 +680,20 @@ def replace_region(text, fragment, begin=BEGIN, end=END):
     return text[:i] + "\n" + fragment.strip("\n") + "\n" + text[j:]
 
 
-def check_readme(path):
-    """ValueError (naming --readme) unless path is a readable file with one pair of result markers."""
+def check_region(path, option, begin=BEGIN, end=END):
+    """ValueError (naming the option) unless path is a readable file with one pair of the markers."""
     try:
-        replace_region(Path(path).read_text(encoding="utf-8"), "")
+        replace_region(Path(path).read_text(encoding="utf-8"), "", begin, end)
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"--readme {path}: {itm.one_line(err)}") from None
+        raise ValueError(f"{option} {path}: {itm.one_line(err)}") from None
 
 
 def _write_text(path, text):
     itm.write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), binary=True)
 
 
-def update_readme(path, fragment):
-    _write_text(path, replace_region(Path(path).read_text(encoding="utf-8"), fragment))
+def update_region(path, fragment, begin=BEGIN, end=END):
+    _write_text(path, replace_region(Path(path).read_text(encoding="utf-8"), fragment, begin, end))
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -738,7 +807,7 @@ def write_outputs(results, arrays, outdir, figures=True, link_root=ROOT, start=N
         results["figures"] = make_figures(results, arrays, outdir, link_root)
     if start is not None:
         results["wall_seconds"] = time.perf_counter() - start
-    md = render(results, link_root)
+    md = render(results)
     _write_text(outdir / "results.md", md)
     _write_text(outdir / "results.json",
                 json.dumps(jsonable(results), indent=1, ensure_ascii=False) + "\n")

@@ -362,7 +362,7 @@ def cache_files(tmp_path):
 
 
 def test_cli_ranks_a_timm_a_hf_and_a_torchvision_model_offline(tmp_path, hf_dirs):
-    """The README's worked example: real photos -> extract.py (three hubs, random init) -> itm.py ranks them."""
+    """docs/usage.md's worked example: real photos -> extract.py (three hubs, random init) -> itm.py ranks them."""
     out = tmp_path / "f.npz"
     models = f"timm:{TIMM_VIT},hf:{hf_dirs['dinov2']},resnet18"
     argv = [str(a) for a in ["--dataset", "imagefolder", "--root", IMAGES, "--models", models, "--random-init",
