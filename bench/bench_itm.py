@@ -363,7 +363,7 @@ def compare(other_path, rounds, shapes):
     """This itm.py against another (a file path: e.g. a worktree of an earlier commit), interleaved in one
     process, the default Config and the paper preset at each shape: medians of `rounds`."""
     spec = importlib.util.spec_from_file_location("itm_other", other_path)
-    other = importlib.util.module_from_spec(spec)
+    other = sys.modules["itm_other"] = importlib.util.module_from_spec(spec)   # dataclasses look it up
     spec.loader.exec_module(other)
     lines = ["| features (N × D, K) | Config | this itm.py s | other itm.py s | this / other |", "|---|---|---|---|---|"]
     for name in shapes:
