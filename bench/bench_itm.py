@@ -288,7 +288,7 @@ def shape_values(N, D, K, rounds, with_torch):
     itm.itm_score(F[:4096], y[:4096], iterations=2, eval_every=1)
     cfg, paper = itm.Config(), itm.preset("paper")
     plans = [itm.make_plan(F, y, cfg, fold=f) for f in range(cfg.folds)]
-    v = dict(shape=f"{N:,} × {D}, K={K}", ours=median_seconds(rounds, itm.itm_score, F, y, cfg),
+    v = dict(shape=shape_name(N, D, K), ours=median_seconds(rounds, itm.itm_score, F, y, cfg),
              floor=float(np.median([folds_floor(F, plans, cfg) for _ in range(rounds)])),
              eigh=float(np.median([sum(spectral_floor(p, cfg) for p in plans) for _ in range(rounds)])),
              paper=median_seconds(rounds, itm.itm_score, F, y, paper))
@@ -376,13 +376,13 @@ def compare(other_path, rounds, shapes):
                 for module in (itm, other):
                     times[module].append(median_seconds(1, module.itm_score, F, y, module.preset(label)))
             a, b = (float(np.median(times[m])) for m in (itm, other))
-            lines.append(f"| {_shape_name(name)} | {label} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+            lines.append(f"| {shape_name(*SHAPES[name])} | {label} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
-def _shape_name(name):
-    N, D, K = SHAPES[name]
+def shape_name(N, D, K):
+    """A shape as the tables write it: "50,000 × 2048, K=100"."""
     return f"{N:,} × {D}, K={K}"
 
 
@@ -412,9 +412,9 @@ def main(argv=None):
     p.add_argument("--docs", metavar="PATH", help="write every table into the <!-- speed:begin/end --> "
                    "region of this file (docs/speed.md)")
     args = p.parse_args(argv)
-    for path in (args.readme, args.docs):
+    for option, path in (("--readme", args.readme), ("--docs", args.docs)):
         if path:
-            report.check_region(path, "--readme/--docs", SPEED_BEGIN, SPEED_END)
+            report.check_region(path, option, SPEED_BEGIN, SPEED_END)
     if args.cost:
         print(cost_table(args.rounds, readings=[("c_scale=B/Z, score_by=centres",
                                                   dict(c_scale="B/Z", score_by="centres"))]))

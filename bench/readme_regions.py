@@ -45,7 +45,7 @@ def demo():
     out = run([sys.executable, "itm.py"], ROOT)
     return block("python itm.py", out, "(`make demo` runs this command; progress goes to stderr, the table to "
                  f"stdout; the seconds are those of `python bench/readme_regions.py` on {time.strftime('%Y-%m-%d')}"
-                 ", a 2-core machine.)")
+                 f", {os.cpu_count()} cores.)")
 
 
 def brief():
@@ -58,13 +58,13 @@ def brief():
                   tmp)
     return block("python itm.py --features feats.npz --labels y.npy", out,
                  f"(feats.npz: {len(BRIEF_MODELS)} of the bundled example's models, {labels.size} × D float16 "
-                 "arrays; y.npy: their 680 labels; made and run by `python bench/readme_regions.py`.)")
+                 f"arrays; y.npy: their {labels.size} labels; made and run by `python bench/readme_regions.py`.)")
 
 
 def tests():
     out = run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"], ROOT)
     return (f"`python -m pytest tests -q` (what `make test` runs after installing), {time.strftime('%Y-%m-%d')}, "
-            f"this 2-core machine: `{out.splitlines()[-1].strip('= ')}`")
+            f"{os.cpu_count()} cores: `{out.splitlines()[-1].strip('= ')}`")
 
 
 def main(argv=None):
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--tests", action="store_true", help="also run the test suite (minutes) for its region")
     args = p.parse_args(argv)
     regions = {"demo": demo, "brief": brief, **({"tests": tests} if args.tests else {})}
-    for name, make in regions.items():
+    for name in regions:
         report.check_region(args.readme, "--readme", f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
     for name, make in regions.items():
         report.update_region(args.readme, make(), f"<!-- {name}:begin -->", f"<!-- {name}:end -->")

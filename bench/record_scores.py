@@ -31,6 +31,7 @@ SHARED = os.path.join(ROOT, "..", "shared", "te_bench")
 REAL = {"flowers17": ("tv_mnv2_in1k", "effl2_in1k", "c10_resnet20"),
         "cifar10": ("tv_mnv2_in1k", "effl0_in1k", "mnv1_025_in1k_q"),
         "pneumonia": ("tv_mnv2_in1k", "mnv2_inat_bird_q", "c10_resnet56")}
+# the field was Config.centers before b0a169b: either spelling, so that an earlier itm.py can be recorded too
 CENTRES = next(f.name for f in dataclasses.fields(itm.Config) if f.name in ("centres", "centers"))
 OPTIONS = {  # DESIGN.md §1a's readings and the other options, one at a time from the default
     "explicit_mse": dict(mode="explicit", n=12), "explicit_mae": dict(mode="explicit", n=12, pc_loss="mae"),
