@@ -15,6 +15,9 @@ Usage::
                                                     #   trust table and docs/results.md's tables
     python bench/accuracy.py --readme README.md --docs docs/results.md --readme-only   # from the stored
                                                     #   <out>/results.json, run nothing
+    python bench/accuracy.py --ladder RUNS --ladder-docs docs/ladder.md   # the budget ladder (DESIGN.md §7)
+                                                    #   from <out>/results.json, the short rungs' runs
+                                                    #   file RUNS and the benchmark's own runs; run nothing
     pytest bench/bench_accuracy.py --benchmark-only # timing side: ITM vs each baseline, one model
 
 This file is the pipeline (load, score, evaluate); bench/report.py writes the tables, the README region
@@ -79,6 +82,7 @@ for _path in (ROOT, HERE):
 
 import itm  # noqa: E402
 import kendall  # noqa: E402
+import ladder  # noqa: E402
 import report  # noqa: E402
 
 try:  # the table reports why the baselines are missing instead of the harness failing
@@ -941,6 +945,13 @@ def parse_args(argv):
       "with the trust table")
     a("--docs", metavar="PATH", help="replace the <!-- results:begin/end --> region of this file "
       "(docs/results.md) with every table")
+    a("--ladder", metavar="RUNS", help="the budget ladder (DESIGN.md §7): every rung's τ_w, Rel@1 and cost "
+      "and the rule's choice, from <out>/results.json, RUNS (the runs file of bench/finetune.py --rung) and "
+      "te_bench/finetune_runs.jsonl; writes <out>/ladder.json and <out>/ladder.svg, runs nothing else")
+    a("--ladder-docs", metavar="PATH", help="with --ladder: replace the <!-- ladder:begin/end --> region of "
+      "this file (docs/ladder.md); the plot goes beside it as ladder.svg")
+    a("--ladder-readme", metavar="PATH", help="with --ladder: replace the <!-- budget:begin/end --> region of "
+      "this file (README.md) with the procedure chosen per budget")
     a("--readme-only", action="store_true", help="with --readme and/or --docs: render <out>/results.json "
       "into them, run nothing")
     return p.parse_args(argv)
@@ -1029,9 +1040,9 @@ def command_line(argv):
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--readme", "--docs", "--cache"):
+        elif a in ("--readme", "--docs", "--cache", "--ladder-docs", "--ladder-readme"):
             skip = True
-        elif not a.startswith(("--readme", "--docs=", "--cache=")):
+        elif not a.startswith(("--readme", "--docs=", "--cache=", "--ladder-docs=", "--ladder-readme=")):
             keep.append(a)
     return " ".join(["python bench/accuracy.py"] + [shlex.quote(a) for a in keep])
 
@@ -1054,10 +1065,104 @@ def _write_pages(args, results):
         log(f"replaced the results region of {args.docs}")
 
 
+LADDER_BEGIN, LADDER_END = "<!-- ladder:begin -->", "<!-- ladder:end -->"
+BUDGET_BEGIN, BUDGET_END = "<!-- budget:begin -->", "<!-- budget:end -->"
+
+
+def build_ladder(results: dict, short_runs: list[dict], bench_dir: Path) -> dict:
+    """Every target's ladder (bench/ladder.py) and the rule's evaluation and choice."""
+    full = finetune_runs(bench_dir)
+    truth_doc = json.loads((bench_dir / "groundtruth.json").read_text(encoding="utf-8"))
+    facts, why = load_model_facts(bench_dir / "models.json")
+    if facts is None:
+        raise ValueError(f"--ladder: {why} (each model's fine-tuning family)")
+    families = {m: f["family"] for m, f in facts.items()}
+    ladders = {}
+    for name, target in sorted(results["targets"].items()):
+        chosen = {m: d["chosen_lr"] for m, d in truth_doc["details"][name]["per_model"].items()}
+        ladders[name] = ladder.target_ladder(target, [r for r in short_runs if r["target"] == name],
+                                             [r for r in full if r["target"] == name], families, chosen)
+    evaluated = ladder.evaluate(ladders)
+    return {"ladders": ladders, "evaluated": evaluated, "chosen": ladder.choose(evaluated)}
+
+
+def finetune_runs(bench_dir: Path) -> list[dict]:
+    """The benchmark's own fine-tuning runs (te_bench/finetune_runs.jsonl), every one behind its truth."""
+    path = bench_dir / "finetune_runs.jsonl"
+    if not path.is_file():
+        raise ValueError(f"--ladder: no {path} (the benchmark's runs file)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def render_ladder(lad: dict, command: str) -> str:
+    """docs/ladder.md's generated region: the rule's choice, the best candidates, one table per target."""
+    targets = list(lad["ladders"])
+    lines = [f"Written by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
+             "### The procedure per budget (DESIGN.md §7)", "",
+             *ladder.procedures_table(lad["evaluated"], lad["chosen"], targets),
+             "### Every rung, per target", "",
+             "† seconds of the benchmark's own runs (its machine); every other time is this machine's. "
+             "Share: of the full protocol's seconds on the machine that timed the row.", ""]
+    for t in targets:
+        lines += ladder.target_table(t, lad["ladders"][t],
+                                     lambda key: "ITM (default, seed 0)" if key == "itm" else label(key))
+    return "\n".join(lines)
+
+
+def render_budget(lad: dict, command: str) -> str:
+    """The README's budget region: the procedure DESIGN.md §7 chose per budget, τ_w per target."""
+    targets = list(lad["ladders"])
+    lines = ["| budget | procedure | " + " | ".join(f"{t} τ_w" for t in targets)
+             + " | compute (share of the full protocol) |", "|" + "---|" * (len(targets) + 3)]
+    for tier, c in lad["chosen"].items():
+        per = " | ".join(ladder._f(c["per_target"][t]["tau_w"]) for t in targets)
+        budget = "seconds per model" if tier == "seconds" else tier.replace("<=", "≤")
+        lines.append(f"| {budget} | {ladder.describe(c['rung'], c['k'])} | {per} | "
+                     f"{ladder._pct(c['share_max'])} at most |")
+    return "\n".join(["", *lines, "", f"(`{command}`, {time.strftime('%Y-%m-%d')}; every rung: "
+                       "[docs/ladder.md](docs/ladder.md).)", ""])
+
+
+def _ladder_main(args, argv) -> int:
+    """--ladder: render the budget ladder from stored results and runs; nothing is scored or trained."""
+    stored = Path(args.out) / "results.json"
+    if not stored.is_file():
+        raise ValueError(f"--ladder: no {stored} (run bench/accuracy.py first)")
+    if args.ladder_docs:
+        report.check_region(args.ladder_docs, "--ladder-docs", LADDER_BEGIN, LADDER_END)
+    if args.ladder_readme:
+        report.check_region(args.ladder_readme, "--ladder-readme", BUDGET_BEGIN, BUDGET_END)
+    runs_path = Path(args.ladder)
+    if not runs_path.is_file():
+        raise ValueError(f"--ladder: no runs file {runs_path}")
+    short = [r for r in (json.loads(x) for x in runs_path.read_text(encoding="utf-8").splitlines() if x.strip())
+             if r.get("rung")]
+    lad = build_ladder(json.loads(stored.read_text(encoding="utf-8")), short, find_bench_dir(args.shared))
+    text = render_ladder(lad, command_line(argv))
+    print(text)
+    svg = ladder.svg_plot(lad["ladders"])
+    (Path(args.out) / "ladder.svg").write_text(svg, encoding="utf-8")
+    (Path(args.out) / "ladder.json").write_text(json.dumps(
+        {"chosen": {k: v["name"] for k, v in lad["chosen"].items()}, "evaluated": lad["evaluated"],
+         "rows": {t: lt["rows"] for t, lt in lad["ladders"].items()}}, indent=1, default=str), encoding="utf-8")
+    if args.ladder_docs:
+        report.update_region(args.ladder_docs, text, LADDER_BEGIN, LADDER_END)
+        (Path(args.ladder_docs).resolve().parent / "ladder.svg").write_text(svg, encoding="utf-8")
+        log(f"replaced the ladder region of {args.ladder_docs}")
+    if args.ladder_readme:
+        report.update_region(args.ladder_readme, render_budget(lad, command_line(argv)), BUDGET_BEGIN, BUDGET_END)
+        log(f"replaced the budget region of {args.ladder_readme}")
+    return 0
+
+
 def _main(argv):
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.ladder:
+        return _ladder_main(args, argv)
+    if args.ladder_docs or args.ladder_readme:
+        raise ValueError("--ladder-docs and --ladder-readme need --ladder RUNS")
     if args.readme_only:
         if not (args.readme or args.docs):
             raise ValueError("--readme-only needs --readme PATH or --docs PATH")

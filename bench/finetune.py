@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:  # a checkout: extract.py and itm.py sit one folde
 
 import extract  # noqa: E402  (imports torch, with a one-line hint when it is missing)
 import itm  # noqa: E402
+import ladder  # noqa: E402  (bench/ladder.py: the short rungs' signals)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -51,15 +52,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 ExtractError = extract.ExtractError
 PROG = "finetune.py"
 
-# The protocol's learning-rate families: base grid, the ladder bracketing walks, the default resolution.
-FAMILIES = {
-    "tfl": {"grid": [0.01, 0.003], "ladder": [0.03, 0.01, 0.003, 0.001, 0.0003], "res": 128,
-            "about": "BN-folded networks (dequantized TFLite replicas)"},
-    "bn128": {"grid": [0.03, 0.01], "ladder": [0.1, 0.03, 0.01, 0.003, 0.001], "res": 128,
-              "about": "ImageNet CNNs with batch norm (torchvision MobileNetV2, EfficientNet-Lite)"},
-    "cifar32": {"grid": [0.1, 0.03], "ladder": [0.3, 0.1, 0.03, 0.01, 0.003], "res": 32,
-                "about": "CIFAR ResNets at 32 px"},
-}
+FAMILIES = ladder.FAMILIES   # the learning-rate families (bench/ladder.py, which needs no torch, holds them)
 BATCH, MOMENTUM, WEIGHT_DECAY, PCT_START, EPOCHS = 32, 0.9, 1e-4, 0.1, 8
 VAL_FRACTION, VAL_SEED = 0.2, 12345   # the stratified validation carve of the train split
 EVAL_BATCH = 128
@@ -131,7 +124,7 @@ def _data_file(data, target: str) -> Path:
 
 def flowers17_items(data) -> tuple[list, list]:
     """Oxford Flowers-17 from its zip of image_0001..1360.jpg (label (index-1)//80): 40 random images of
-    each class (seed 0) for train, the other 40 for test; each shorter side 128 + centre crop 128."""
+    each class (np.random.RandomState(0)) for train, the other 40 for test; each shorter side 128 + centre crop 128."""
     from PIL import Image
     path = _data_file(data, "flowers17")
     with zipfile.ZipFile(path) as z:
@@ -140,7 +133,7 @@ def flowers17_items(data) -> tuple[list, list]:
             raise ExtractError(f"{path}: expected 1360 images image_0001..1360.jpg, found {len(names)}")
         images = [square(Image.open(io.BytesIO(z.read(n))), FLOWERS_SIDE) for n in names]
     labels = np.array([(int(Path(n).stem[-4:]) - 1) // FLOWERS_PER_CLASS for n in names])
-    rng = np.random.default_rng(0)
+    rng = np.random.RandomState(0)   # numpy's legacy generator: the benchmark's split (its features' rows)
     train = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:FLOWERS_TRAIN]
                                     for c in range(17)]))
     test = np.setdiff1d(np.arange(len(names)), train)
@@ -214,7 +207,13 @@ def normalisation(transform) -> tuple[tuple, tuple]:
 
 def build_features(name: str, build: dict, res: int):
     """(feature model, its dim, (mean, std), info) of a model name, checked to run at `res` px."""
-    model, transform, info = extract.build_model(name, **build)
+    if build.get("zoo"):  # the benchmark's own models (bench/te_models.py)
+        import te_models
+        model, mean_std, _ = te_models.build(name, build["zoo"])
+        transform, info = None, {"zoo": str(build["zoo"])}
+    else:
+        model, transform, info = extract.build_model(name, **{k: v for k, v in build.items() if k != "zoo"})
+        mean_std = normalisation(transform)
     model.eval()
     try:
         with torch.no_grad():
@@ -222,7 +221,7 @@ def build_features(name: str, build: dict, res: int):
     except Exception as exc:  # ViTs of a fixed image size, stems that shrink too far
         raise ExtractError(f"{name} does not run on {res}x{res} images ({itm.one_line(exc)}); "
                            "choose --res") from None
-    return model, dim, normalisation(transform), info
+    return model, dim, mean_std, info
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -236,6 +235,12 @@ class Settings:
     family: str = "bn128"
     device: str = "auto"
     progress: bool = True
+    schedule: int | None = None   # epochs the OneCycle schedule spans (None: `epochs`; more: a truncated run)
+    rung: bool = False            # a short rung: no test accuracy; validation also after BN recomputation
+
+    @property
+    def schedule_epochs(self) -> int:
+        return self.epochs if self.schedule is None else self.schedule
 
 
 def batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -287,6 +292,25 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalise, 
     return correct / len(y)
 
 
+def recompute_bn(net: nn.Module, x: torch.Tensor, norm: Normalise, ctx) -> int:
+    """Reset every batch norm's running statistics to the plain average of its batch statistics over the
+    images x (batches of EVAL_BATCH, no augmentation, no gradient): what validation sees after a short,
+    high-rate run whose running averages lag behind the weights. Returns the number of batch-norm layers
+    (0: nothing to recompute)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # None: a cumulative average over every batch
+    net.train()
+    with torch.no_grad(), ctx():
+        for i in range(0, len(x), EVAL_BATCH):
+            net(norm(x[i:i + EVAL_BATCH]))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    return len(bns)
+
+
 def _amp(dev: torch.device):
     """(autocast context factory, GradScaler or None): bf16/fp16 autocast on a GPU, float32 on the CPU."""
     dtype = extract.autocast_dtype(dev)
@@ -332,12 +356,15 @@ def train_run(base: nn.Module, head: tuple[int, int], mean_std, split: Split, fi
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
     gen = torch.Generator().manual_seed(seed)
     steps = len(batches(len(fit), s.batch, torch.Generator()))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=s.epochs * steps, pct_start=PCT_START)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=s.schedule_epochs * steps,
+                                                pct_start=PCT_START)
     data = (split.train_x[fit], split.train_y[fit], split.flip, s.batch)
     vx, vy = split.train_x[val], split.train_y[val]
-    losses, curve, diverged = [], [], False
+    losses, curve, times, diverged = [], [], [], False
     for epoch in range(s.epochs):
+        tick = time.perf_counter()
         loss = _epoch(net, opt, sched, data, norm, ctx, scaler, gen)
+        times.append(round(time.perf_counter() - tick, 2))   # training alone, for cost estimates
         diverged = not math.isfinite(loss)
         losses.append(None if diverged else round(loss, 4))
         if diverged:
@@ -346,10 +373,16 @@ def train_run(base: nn.Module, head: tuple[int, int], mean_std, split: Split, fi
         if s.progress:
             log(f"  epoch {epoch + 1}/{s.epochs}: loss {loss:.4f}, val {curve[-1]:.4f} "
                 f"({time.perf_counter() - start:.0f} s)")
-    test = None if diverged else accuracy(net, split.test_x, split.test_y, norm, ctx)
-    return {"val_acc": None if diverged else curve[-1], "test_acc": test, "epoch_loss": losses,
-            "val_curve": curve, "diverged": diverged, "device": str(dev),
-            "seconds": round(time.perf_counter() - start, 1)}
+    record = {"val_acc": None if diverged else curve[-1], "test_acc": None, "epoch_loss": losses,
+              "val_curve": curve, "epoch_seconds": times, "diverged": diverged, "device": str(dev)}
+    if s.rung and not diverged:
+        tick = time.perf_counter()
+        has_bn = recompute_bn(net, split.train_x[fit], norm, ctx)
+        record["val_acc_bn"] = round(accuracy(net, vx, vy, norm, ctx), 4) if has_bn else curve[-1]
+        record["bn_seconds"] = round(time.perf_counter() - tick, 2)
+    elif not diverged:
+        record["test_acc"] = accuracy(net, split.test_x, split.test_y, norm, ctx)
+    return {**record, "seconds": round(time.perf_counter() - start, 2)}
 
 
 # ------------------------------------------------------------------------------ learning-rate search
@@ -487,6 +520,35 @@ def write_groundtruth(out: Path, target: str, models: list[str], runs: list[dict
     return details
 
 
+def feature_seconds(base: nn.Module, x: torch.Tensor, mean_std, s: Settings) -> float:
+    """Seconds of one eval-mode pass of the feature model over the images x: what extracting the features
+    for a score on frozen features costs, timed on the same machine as the runs."""
+    dev = extract.resolve_device(s.device)
+    norm, (ctx, _) = Normalise(*mean_std, dev), _amp(dev)
+    net = base.to(dev).eval()
+    start = time.perf_counter()
+    with torch.inference_mode(), ctx():
+        for i in range(0, len(x), EVAL_BATCH):
+            net(norm(x[i:i + EVAL_BATCH]))
+    return round(time.perf_counter() - start, 2)
+
+
+def write_rung_scores(out: Path, target: str, runs: list[dict]) -> dict:
+    """A short rung's scores file (what kendall.py --scores reads): {"dataset": target, "scores": {rung:
+    {model: score}}, "seconds": {rung: {model: seconds}}}, one rung per rate choice and signal
+    (bench/ladder.py). Other targets' entries in `out` are not kept: one scores file per target."""
+    cut = any(r.get("schedule_epochs", r["epochs"]) > r["epochs"] for r in runs)   # the first epochs of a run
+    rungs = ladder.rung_scores(runs, kind="trunc" if cut else "short")
+    doc = {"dataset": target, "scores": {k: v["scores"] for k, v in rungs.items()},
+           "seconds": {k: v["seconds"] for k, v in rungs.items()},
+           "signals": "higher is better: loss = - the last epoch's training loss, loss_sum = - the sum of the "
+                      "epochs' losses, val = validation accuracy, val_bn = the same after batch-norm statistics "
+                      "are recomputed; low = the grid's lower rate, best = the better of the grid's rates"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    itm.write_atomic(out, lambda f: json.dump(doc, f, indent=1))
+    return {"rungs": rungs, "models": sorted({r["model"] for r in runs})}
+
+
 # ----------------------------------------------------------------------------------------------- job
 
 @dataclass
@@ -510,32 +572,45 @@ def finetune(job: Job) -> dict:
     fit, val = stratified_carve(split.train_y.numpy())
     sizes = {"n_fit": len(fit), "n_val": len(val), "n_test": len(split.test_y)}
     same = lambda r: (r["target"] == split.name and r["epochs"] == s.epochs and r["res"] == s.res  # noqa: E731
+                      and r.get("schedule_epochs", r["epochs"]) == s.schedule_epochs
+                      and bool(r.get("rung")) == s.rung
                       and r["seed"] in job.seeds and all(r.get(k) == v for k, v in sizes.items()))
     runs = [r for r in read_runs(job.runs_path) if same(r)]
     models = list(dict.fromkeys([r["model"] for r in runs] + job.models))  # earlier jobs' models stay in the table
     proto = protocol(s, job.grid, job.ladder, job.seeds, {split.name: split.about})
     built = {}
+    def write(runs):
+        if s.rung:  # every rung run of the target with these epochs, whatever job (family, res) made it
+            return write_rung_scores(job.out, split.name, [
+                r for r in read_runs(job.runs_path) if r["target"] == split.name and r.get("rung")
+                and r["epochs"] == s.epochs and r.get("schedule_epochs") == s.schedule_epochs
+                and r["seed"] in job.seeds])
+        return write_groundtruth(job.out, split.name, models, runs, proto, job.ladder)
     for model in job.models:
         def one_run(lr, seed, model=model):
             if model not in built:
                 built.clear()  # one model in memory at a time
-                feats, dim, mean_std, _ = build_features(model, job.build, s.res)
-                built[model] = (feats, (dim, int(split.train_y.max()) + 1), mean_std)
-            base, head, mean_std = built[model]
+                feats, dim, mean_std = build_features(model, job.build, s.res)[:3]
+                extra = {"feature_seconds": feature_seconds(feats, split.train_x, mean_std, s)} if s.rung else {}
+                built[model] = (feats, (dim, int(split.train_y.max()) + 1), mean_std, extra)
+            base, head, mean_std, extra = built[model]
             log(f"{split.name} {model} lr {lr_key(lr)} seed {seed}: {len(fit)} fit / {len(val)} val / "
                 f"{sizes['n_test']} test images, {s.epochs} epochs at {s.res} px")
             result = train_run(base, head, mean_std, split, torch.from_numpy(fit), torch.from_numpy(val), lr,
                                seed, s)
             record = {"target": split.name, "model": model, "lr": lr, "seed": seed, "fit": "train80",
-                      "family": s.family, "res": s.res, "epochs": s.epochs, **sizes, **result}
+                      "family": s.family, "res": s.res, "epochs": s.epochs, **sizes, **result, **extra}
+            if s.schedule is not None or s.rung:
+                record.update(schedule_epochs=s.schedule_epochs, rung=s.rung)
             append_run(job.runs_path, record)
             runs.append(record)
             log(f"  -> val {record['val_acc']}, test {record['test_acc']}, {record['seconds']} s"
                 + (" (diverged)" if record["diverged"] else ""))
-            write_groundtruth(job.out, split.name, models, runs, proto, job.ladder)
+            write(runs)
             return record
-        search_lrs(one_run, job.grid, job.ladder, job.seeds, [r for r in runs if r["model"] == model])
-    return write_groundtruth(job.out, split.name, models, runs, proto, job.ladder)
+        search_lrs(one_run, job.grid, [] if s.rung else job.ladder, job.seeds,
+                   [r for r in runs if r["model"] == model])
+    return write(runs)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -590,10 +665,18 @@ def _parser() -> argparse.ArgumentParser:
     a("--arch", help="architecture of --checkpoint")
     a("--pool", choices=["cls", "mean"], help="ViT pooling (default: the model's own)")
     a("--random-init", action="store_true", help="no weights: seeded random ones (tests, timing)")
-    a("--family", choices=sorted(FAMILIES), default="bn128", help="learning-rate family (default bn128)")
+    a("--family", choices=sorted(FAMILIES), help="learning-rate family (default bn128; with --zoo each model's)")
     a("--lrs", type=_floats, help="base grid of learning rates (default: the family's)")
     a("--ladder", help="comma-separated rates bracketing walks (default: the family's); none: no bracketing")
     a("--epochs", type=_positive, default=EPOCHS, help=f"default {EPOCHS}")
+    a("--schedule-epochs", type=_positive, metavar="S", help="epochs the learning-rate schedule spans "
+      "(default: --epochs); more than --epochs stops each run early, after the first epochs of a longer one")
+    a("--rung", action="store_true", help="a short rung (docs/ladder.md): the grid only (no bracketing), no "
+      "test accuracy, validation also after recomputing batch-norm statistics; --out is then a scores file "
+      "of the rung's signals, for kendall.py --scores")
+    a("--zoo", metavar="DIR", help="the benchmark's weights folder: --models are names of bench/te_models.py "
+      "(default: all of them); each model's family and resolution come from models.json beside DIR unless "
+      "--family/--res are given")
     a("--res", type=_positive, help="input resolution in px (default: the family's)")
     a("--batch-size", type=_positive, default=BATCH, help=f"default {BATCH}")
     a("--seeds", type=_ints, default=[0], help="comma-separated seeds (torch + numpy) of every rate (default 0)")
@@ -636,17 +719,42 @@ def _split(args, res: int) -> Split:
     return split
 
 
-def _job(args) -> Job:
-    family = FAMILIES[args.family]
+def _zoo_groups(args) -> list[tuple[str, int | None, list[str]]]:
+    """[(family, res, models)] of a --zoo job: the benchmark's models grouped by the family and resolution
+    models.json beside the weights folder gives them (--family/--res override)."""
+    import te_models
+    names = [m.strip() for m in args.models.split(",") if m.strip()] or list(te_models.NAMES)
+    unknown = [m for m in names if m not in te_models.NAMES]
+    if unknown:
+        raise ExtractError(f"--zoo: unknown models {unknown}; known: {', '.join(te_models.NAMES)}")
+    facts_path = Path(args.zoo).resolve().parent / "models.json"
+    if not facts_path.is_file():
+        raise ExtractError(f"--zoo: no models.json beside {args.zoo} (its family and resolution per model)")
+    facts = json.loads(facts_path.read_text(encoding="utf-8"))["models"]
+    groups: dict = {}
+    for m in names:
+        key = (args.family or facts[m]["family"], args.res or facts[m]["resolution"])
+        groups.setdefault(key, []).append(m)
+    return [(family, res, ms) for (family, res), ms in groups.items()]
+
+
+def _job(args, family_name=None, res=None, models=None) -> Job:
+    family_name = family_name or args.family or "bn128"
+    family = FAMILIES[family_name]
     ladder = family["ladder"] if args.ladder is None else \
         [] if args.ladder.strip().lower() == "none" else _floats(args.ladder)
-    models = extract._model_names(args)
-    build = {"checkpoint": args.checkpoint, "arch": args.arch, "pool": args.pool, "random_init": args.random_init}
-    for m in models:  # an unknown name or a missing file fails before any image is read
-        extract._check_model(m, args.checkpoint, args.arch, args.pool)
-        extract.fetch_hub_files(m, args.random_init)
-    settings = Settings(epochs=args.epochs, res=args.res or family["res"], batch=args.batch_size,
-                        family=args.family, device=args.device, progress=not args.quiet)
+    build = {"checkpoint": args.checkpoint, "arch": args.arch, "pool": args.pool, "random_init": args.random_init,
+             "zoo": args.zoo}
+    if models is None:
+        models = extract._model_names(args)
+        for m in models:  # an unknown name or a missing file fails before any image is read
+            extract._check_model(m, args.checkpoint, args.arch, args.pool)
+            extract.fetch_hub_files(m, args.random_init)
+    if args.schedule_epochs is not None and args.schedule_epochs < args.epochs:
+        raise ExtractError(f"--schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs}")
+    settings = Settings(epochs=args.epochs, res=res or args.res or family["res"], batch=args.batch_size,
+                        family=family_name, device=args.device, progress=not args.quiet,
+                        schedule=args.schedule_epochs, rung=args.rung)
     extract.resolve_device(args.device)
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out.with_name("finetune_runs.jsonl")
@@ -663,16 +771,31 @@ def _report(target: str, details: dict) -> None:
         print(f"{target}\t{m}\t{key}\t{d['val_acc'].get(key)}\t{d['test_acc'].get(key)}\t{','.join(d['val_acc'])}")
 
 
+def _report_rung(target: str, details: dict) -> None:
+    """The models ranked by the rung's default signal (docs/ladder.md), then every signal, on stdout."""
+    rungs = details["rungs"]
+    names = sorted(rungs)
+    print("target\tmodel\t" + "\t".join(names))
+    for m in details["models"]:
+        print(f"{target}\t{m}\t" + "\t".join("" if rungs[k]["scores"][m] is None else f"{rungs[k]['scores'][m]:.4f}"
+                                           for k in names))
+
+
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    job = _job(args)
-    try:
-        details = finetune(job)
-    except KeyboardInterrupt:
-        log(f"\n{PROG}: interrupted; finished runs are in {job.runs_path}")
-        return 130
+    jobs = [_job(args, *group) for group in _zoo_groups(args)] if args.zoo else [_job(args)]
+    for job in jobs:
+        try:
+            details = finetune(job)
+        except KeyboardInterrupt:
+            log(f"\n{PROG}: interrupted; finished runs are in {job.runs_path}")
+            return 130
+    if args.rung:
+        _report_rung(job.split.name, details)
+        print(f"wrote {job.out} (scores of {len(details['models'])} models); runs in {job.runs_path}")
+        return 0
     _report(job.split.name, details)
     print(f"wrote {job.out} ({details['models_done']} of {details['models_total']} models done); runs in "
           f"{job.runs_path}")

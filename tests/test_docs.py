@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "DESIGN.md"]
-REGIONS = {"README.md": ["demo", "tests", "brief", "trust", "speed"], "results.md": ["results"],
+REGIONS = {"README.md": ["demo", "tests", "brief", "trust", "budget", "speed"], "results.md": ["results"],
+           "ladder.md": ["ladder"],
            "speed.md": ["speed", "baselines-speed"]}
 
 

@@ -139,6 +139,85 @@ def test_npz_target_and_bracketing_on_the_ladder(tmp_path, capsys):
     assert set(doc["gray"]) == {"mobilenet_v3_small", "squeezenet1_1"} and doc["details"]["gray"]["models_total"] == 2
 
 
+# ------------------------------------------------------------------------ short rungs (docs/ladder.md)
+
+RUNG = ["--random-init", "--res", "32", "--lrs", "0.01,0.003", "--quiet", "--rung"]
+
+
+def test_a_short_rung_writes_signals_kendall_reads(flowers, tmp_path, capsys):
+    """One epoch of two tiny models at the grid's two rates: no bracketing (its ladder is the family's),
+    no test accuracy, every signal in a scores file that kendall.py reads against a truth file."""
+    out = tmp_path / "rung.json"
+    rc, text, err = run(capsys, finetune.main, "--dataset", "imagefolder", "--root", flowers, "--name", "flowers",
+                        "--models", MODELS, "--epochs", "1", "--out", out, *RUNG)
+    assert rc == 0, err
+    runs = [json.loads(line) for line in out.with_name("finetune_runs.jsonl").read_text().splitlines()]
+    assert sorted((r["model"], r["lr"]) for r in runs) == [(m, lr) for m in sorted(MODELS.split(","))
+                                                           for lr in (0.003, 0.01)]
+    for r in runs:
+        assert r["rung"] is True and r["test_acc"] is None and r["schedule_epochs"] == r["epochs"] == 1
+        assert 0 <= r["val_acc_bn"] <= 1 and r["bn_seconds"] >= 0 and r["feature_seconds"] >= 0
+        assert len(r["epoch_seconds"]) == 1 and r["epoch_seconds"][0] <= r["seconds"]
+    doc = json.loads(out.read_text())
+    assert doc["dataset"] == "flowers" and len(doc["scores"]) == 8   # 2 rate choices x 4 signals
+    lows = {r["model"]: r for r in runs if r["lr"] == 0.003}
+    assert doc["scores"]["short E=1 low loss"] == {m: -r["epoch_loss"][0] for m, r in lows.items()}
+    assert doc["scores"]["short E=1 low val_bn"] == {m: r["val_acc_bn"] for m, r in lows.items()}
+    assert "flowers\tresnet18\t" in text
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"flowers": {"resnet18": 0.9, "squeezenet1_1": 0.5}}))
+    rc, text, err = run(capsys, kendall.main, "--scores", out, "--truth", truth, "--json")
+    assert rc == 0, err
+    table = json.loads(text)   # {rung: {"tau_w": {target: value, "mean": value}}}
+    assert set(table) == set(doc["scores"])
+    low = doc["scores"]["short E=1 low loss"]
+    assert table["short E=1 low loss"]["tau_w"]["flowers"] == (1.0 if low["resnet18"] > low["squeezenet1_1"]
+                                                              else -1.0)
+
+
+def test_schedule_epochs_cut_a_longer_run_short(flowers, tmp_path, capsys):
+    """--epochs 1 --schedule-epochs 2 is the first epoch of the 2-epoch run, bit for bit, and not the
+    compressed 1-epoch run (whose rate anneals within its one epoch)."""
+    losses = {}
+    for name, extra in (("two", ["--epochs", "2"]), ("cut", ["--epochs", "1", "--schedule-epochs", "2"]),
+                        ("one", ["--epochs", "1"])):
+        out = tmp_path / name / "rung.json"
+        rc, _, err = run(capsys, finetune.main, "--dataset", "imagefolder", "--root", flowers, "--models",
+                         "resnet18", "--out", out, "--batch-size", "3", *RUNG, *extra)   # 3 steps an epoch
+        assert rc == 0, err
+        runs = [json.loads(line) for line in out.with_name("finetune_runs.jsonl").read_text().splitlines()]
+        losses[name] = {r["lr"]: r["epoch_loss"] for r in runs}
+        prefix = "trunc e=1 " if name == "cut" else f"short E={len(runs[0]['epoch_loss'])} "
+        assert all(k.startswith(prefix) for k in json.loads(out.read_text())["scores"])
+    for lr in (0.01, 0.003):
+        assert losses["cut"][lr] == losses["two"][lr][:1]
+        assert losses["one"][lr] != losses["cut"][lr]
+    rc, _, err = run(capsys, finetune.main, "--dataset", "imagefolder", "--root", flowers, "--models", "resnet18",
+                     "--out", tmp_path / "x.json", *RUNG, "--epochs", "2", "--schedule-epochs", "1")
+    assert rc == 1 and "--schedule-epochs 1 is shorter than --epochs 2" in err
+
+
+def test_recompute_bn_is_the_plain_average_over_the_images():
+    """After recompute_bn a batch norm's running mean and variance are the plain average of its input's
+    per-batch mean and unbiased variance (computed here by hand); its momentum is restored."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3)
+    net = torch.nn.Sequential(conv, bn)
+    x = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8)   # 3 batches of EVAL_BATCH = 128 images
+    norm = finetune.Normalise((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    assert finetune.recompute_bn(net, x, norm, finetune.contextlib.nullcontext) == 1
+    with torch.no_grad():
+        z = conv(norm(x)).double()                     # N x 4 x 6 x 6
+    per_batch = [z[i:i + finetune.EVAL_BATCH] for i in range(0, len(z), finetune.EVAL_BATCH)]
+    # momentum=None: the running values are the plain average of the batches' mean and unbiased variance
+    want_mean = torch.stack([b.mean((0, 2, 3)) for b in per_batch]).mean(0)
+    want_var = torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in per_batch]).mean(0)
+    assert torch.allclose(bn.running_mean.double(), want_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var.double(), want_var, rtol=1e-4)
+    assert bn.momentum == 0.3
+    assert finetune.recompute_bn(torch.nn.Sequential(conv), x, norm, finetune.contextlib.nullcontext) == 0
+
+
 # ----------------------------------------------------------------------------- parts of the protocol
 
 def table(**rates):
