@@ -1083,7 +1083,12 @@ def build_ladder(results: dict, short_runs: list[dict], bench_dir: Path) -> dict
         ladders[name] = ladder.target_ladder(target, [r for r in short_runs if r["target"] == name],
                                              [r for r in full if r["target"] == name], families, chosen)
     evaluated = ladder.evaluate(ladders)
-    return {"ladders": ladders, "evaluated": evaluated, "chosen": ladder.choose(evaluated)}
+    spent: dict = {}   # {target: {E: seconds of every short run}}
+    for r in short_runs:
+        if r["target"] in ladders:
+            spent.setdefault(r["target"], {}).setdefault(r["epochs"], 0.0)
+            spent[r["target"]][r["epochs"]] += r["seconds"]
+    return {"ladders": ladders, "evaluated": evaluated, "chosen": ladder.choose(evaluated), "spent": spent}
 
 
 def finetune_runs(bench_dir: Path) -> list[dict]:
@@ -1100,6 +1105,9 @@ def render_ladder(lad: dict, command: str) -> str:
     lines = [f"Written by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
              "### The procedure per budget (DESIGN.md §7)", "",
              *ladder.procedures_table(lad["evaluated"], lad["chosen"], targets),
+             "The short rungs cost, in all (seconds of every run, with its validation and batch-norm "
+             "passes): " + "; ".join(f"{t} " + ", ".join(f"E = {e}: {sec:.0f} s" for e, sec in sorted(
+                 lad["spent"].get(t, {}).items())) for t in targets) + ".", "",
              "### Every rung, per target", "",
              "† seconds of the benchmark's own runs (its machine); every other time is this machine's. "
              "Share: of the full protocol's seconds on the machine that timed the row.", ""]
