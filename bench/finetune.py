@@ -566,8 +566,8 @@ class Job:
 
 
 def finetune(job: Job) -> dict:
-    """Fine-tune every model of the job (resuming from its runs file), writing groundtruth.json after each
-    run -> the target's details."""
+    """Fine-tune every model of the job (resuming from its runs file), writing groundtruth.json (a rung: its
+    scores file) after each run -> the target's details."""
     s, split = job.settings, job.split
     fit, val = stratified_carve(split.train_y.numpy())
     sizes = {"n_fit": len(fit), "n_val": len(val), "n_test": len(split.test_y)}
@@ -579,21 +579,9 @@ def finetune(job: Job) -> dict:
     models = list(dict.fromkeys([r["model"] for r in runs] + job.models))  # earlier jobs' models stay in the table
     proto = protocol(s, job.grid, job.ladder, job.seeds, {split.name: split.about})
     built = {}
-    def write(runs):
-        if s.rung:  # every rung run of the target with these epochs, whatever job (family, res) made it
-            return write_rung_scores(job.out, split.name, [
-                r for r in read_runs(job.runs_path) if r["target"] == split.name and r.get("rung")
-                and r["epochs"] == s.epochs and r.get("schedule_epochs") == s.schedule_epochs
-                and r["seed"] in job.seeds])
-        return write_groundtruth(job.out, split.name, models, runs, proto, job.ladder)
     for model in job.models:
         def one_run(lr, seed, model=model):
-            if model not in built:
-                built.clear()  # one model in memory at a time
-                feats, dim, mean_std = build_features(model, job.build, s.res)[:3]
-                extra = {"feature_seconds": feature_seconds(feats, split.train_x, mean_std, s)} if s.rung else {}
-                built[model] = (feats, (dim, int(split.train_y.max()) + 1), mean_std, extra)
-            base, head, mean_std, extra = built[model]
+            base, head, mean_std, extra = _model_parts(model, job, built)
             log(f"{split.name} {model} lr {lr_key(lr)} seed {seed}: {len(fit)} fit / {len(val)} val / "
                 f"{sizes['n_test']} test images, {s.epochs} epochs at {s.res} px")
             result = train_run(base, head, mean_std, split, torch.from_numpy(fit), torch.from_numpy(val), lr,
@@ -606,11 +594,35 @@ def finetune(job: Job) -> dict:
             runs.append(record)
             log(f"  -> val {record['val_acc']}, test {record['test_acc']}, {record['seconds']} s"
                 + (" (diverged)" if record["diverged"] else ""))
-            write(runs)
+            _write(job, runs, models, proto)
             return record
         search_lrs(one_run, job.grid, [] if s.rung else job.ladder, job.seeds,
                    [r for r in runs if r["model"] == model])
-    return write(runs)
+    return _write(job, runs, models, proto)
+
+
+def _model_parts(model: str, job: Job, cache: dict) -> tuple:
+    """(feature model, head shape, (mean, std), extra record fields) of `model`; one model in memory at a
+    time. A rung's extra field is the seconds of one feature-extraction pass."""
+    if model not in cache:
+        cache.clear()
+        s, split = job.settings, job.split
+        feats, dim, mean_std = build_features(model, job.build, s.res)[:3]
+        extra = {"feature_seconds": feature_seconds(feats, split.train_x, mean_std, s)} if s.rung else {}
+        cache[model] = (feats, (dim, int(split.train_y.max()) + 1), mean_std, extra)
+    return cache[model]
+
+
+def _write(job: Job, runs: list[dict], models: list[str], proto: dict) -> dict:
+    """groundtruth.json -> the target's details; for a rung its scores file instead, from every rung run of
+    the target with these epochs in the runs file, whatever job (family, resolution) made it."""
+    s, target = job.settings, job.split.name
+    if s.rung:
+        return write_rung_scores(job.out, target, [
+            r for r in read_runs(job.runs_path) if r["target"] == target and r.get("rung")
+            and r["epochs"] == s.epochs and r.get("schedule_epochs") == s.schedule_epochs
+            and r["seed"] in job.seeds])
+    return write_groundtruth(job.out, target, models, runs, proto, job.ladder)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
