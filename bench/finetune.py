@@ -13,11 +13,15 @@ Usage::
         --checkpoint mobilenet_v2-b0353104.pth --arch mobilenet_v2 --out runs/groundtruth.json
     python bench/finetune.py --dataset imagefolder --root DIR --models resnet18,mobilenet_v2 --out gt.json
     python bench/finetune.py --dataset my.npz --models resnet18 --family bn128 --epochs 4 --out gt.json
+    python bench/finetune.py --dataset my.npz --models resnet18,mobilenet_v2 --rung --epochs 1 \
+        --schedule-epochs 8 --lrs 0.01 --out rung.json     # a short rung: signals, not ground truth
 
 ``--target flowers17|cifar10|pneumonia`` builds the benchmark's three targets from their raw files in DATA
 (flowers17_s160_q90.zip, cifar10_jpeg_subset.npz, pneumoniamnist.npz) by its splits; ``--dataset``/``--root``
 read a train and a test split through ``extract.load_dataset`` (an imagefolder with train/ and test/, a
-PATH.npz with x_train/x_test, a torchvision dataset). Model names are extract.py's (``--list`` there).
+PATH.npz with x_train/x_test, a torchvision dataset). Model names are extract.py's (``--list`` there), or
+with ``--zoo`` the benchmark's own (bench/te_models.py). ``--rung`` runs a short rung of the budget ladder
+(docs/ladder.md): the grid only, and a scores file of its signals instead of ground truth.
 """
 from __future__ import annotations
 
