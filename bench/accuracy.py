@@ -1072,14 +1072,14 @@ BUDGET_BEGIN, BUDGET_END = "<!-- budget:begin -->", "<!-- budget:end -->"
 def build_ladder(results: dict, short_runs: list[dict], bench_dir: Path) -> dict:
     """Every target's ladder (bench/ladder.py) and the rule's evaluation and choice."""
     full = finetune_runs(bench_dir)
-    truth_doc = json.loads((bench_dir / "groundtruth.json").read_text(encoding="utf-8"))
+    _, details = read_groundtruth(bench_dir)
     facts, why = load_model_facts(bench_dir / "models.json")
     if facts is None:
         raise ValueError(f"--ladder: {why} (each model's fine-tuning family)")
     families = {m: f["family"] for m, f in facts.items()}
     ladders = {}
     for name, target in sorted(results["targets"].items()):
-        chosen = {m: d["chosen_lr"] for m, d in truth_doc["details"][name]["per_model"].items()}
+        chosen = {m: d["chosen_lr"] for m, d in details[name]["per_model"].items()}
         ladders[name] = ladder.target_ladder(target, [r for r in short_runs if r["target"] == name],
                                              [r for r in full if r["target"] == name], families, chosen)
     evaluated = ladder.evaluate(ladders)
@@ -1096,7 +1096,7 @@ def finetune_runs(bench_dir: Path) -> list[dict]:
     path = bench_dir / "finetune_runs.jsonl"
     if not path.is_file():
         raise ValueError(f"--ladder: no {path} (the benchmark's runs file)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return ladder.read_runs(path)
 
 
 def render_ladder(lad: dict, command: str) -> str:
@@ -1143,8 +1143,7 @@ def _ladder_main(args, argv) -> int:
     runs_path = Path(args.ladder)
     if not runs_path.is_file():
         raise ValueError(f"--ladder: no runs file {runs_path}")
-    short = [r for r in (json.loads(x) for x in runs_path.read_text(encoding="utf-8").splitlines() if x.strip())
-             if r.get("rung")]
+    short = [r for r in ladder.read_runs(runs_path) if r.get("rung")]
     lad = build_ladder(json.loads(stored.read_text(encoding="utf-8")), short, find_bench_dir(args.shared))
     text = render_ladder(lad, command_line(argv))
     print(text)

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:  # a checkout: extract.py and itm.py sit one folde
 
 import extract  # noqa: E402  (imports torch, with a one-line hint when it is missing)
 import itm  # noqa: E402
-import ladder  # noqa: E402  (bench/ladder.py: the short rungs' signals)
+import ladder  # noqa: E402  (bench/ladder.py: the short rungs' signals, the runs-file reader)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -441,18 +441,6 @@ def search_lrs(todo_run, grid: list[float], ladder: list[float], seeds: list[int
 
 # ---------------------------------------------------------------------------------------- runs file
 
-def read_runs(path: Path) -> list[dict]:
-    """The runs in a JSON-lines file; a torn last line (a killed writer) is skipped."""
-    if not path.exists():
-        return []
-    runs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if line.strip():
-                runs.append(json.loads(line))
-    return runs
-
-
 def append_run(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -579,7 +567,7 @@ def finetune(job: Job) -> dict:
                       and r.get("schedule_epochs", r["epochs"]) == s.schedule_epochs
                       and bool(r.get("rung")) == s.rung
                       and r["seed"] in job.seeds and all(r.get(k) == v for k, v in sizes.items()))
-    runs = [r for r in read_runs(job.runs_path) if same(r)]
+    runs = [r for r in ladder.read_runs(job.runs_path) if same(r)]
     models = list(dict.fromkeys([r["model"] for r in runs] + job.models))  # earlier jobs' models stay in the table
     proto = protocol(s, job.grid, job.ladder, job.seeds, {split.name: split.about})
     built = {}
@@ -623,7 +611,7 @@ def _write(job: Job, runs: list[dict], models: list[str], proto: dict) -> dict:
     s, target = job.settings, job.split.name
     if s.rung:
         return write_rung_scores(job.out, target, [
-            r for r in read_runs(job.runs_path) if r["target"] == target and r.get("rung")
+            r for r in ladder.read_runs(job.runs_path) if r["target"] == target and r.get("rung")
             and r["epochs"] == s.epochs and r.get("schedule_epochs") == s.schedule_epochs
             and r["seed"] in job.seeds])
     return write_groundtruth(job.out, target, models, runs, proto, job.ladder)

@@ -9,9 +9,10 @@ procedure against the truth and applies the rule; this module holds the pieces a
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-
-import kendall
+from pathlib import Path
 
 # The protocol's learning-rate families: base grid, the ladder bracketing walks, the default resolution.
 FAMILIES = {
@@ -29,19 +30,35 @@ TIERS = (0.05, 0.15, 0.40)                        # budget tiers: cost fractions
 TIE = 0.02                                        # criterion gap below which candidates tie
 
 
+def read_runs(path: Path) -> list[dict]:
+    """The runs in a JSON-lines runs file (bench/finetune.py's, or the benchmark's); a torn line (a killed
+    writer) is skipped; no file: no runs."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                runs.append(json.loads(line))
+    return runs
+
+
 def signal(run: dict, name: str, epochs: int | None = None) -> float | None:
     """A run's signal (higher = better) after its first `epochs` epochs (None: all it ran); None when the
     run diverged by then or did not record it."""
-    losses = run["epoch_loss"][:epochs]
-    if run["diverged"] and (epochs is None or len(run["epoch_loss"]) <= epochs) or None in losses:
+    losses = run["epoch_loss"][:epochs]   # a diverged run's list ends in None (NaN in the benchmark's file)
+    if any(v is None or not math.isfinite(v) for v in losses):
         return None
     if name == "loss":
         return -losses[-1]
     if name == "loss_sum":
         return -sum(losses)
     if name == "val":
-        curve = run.get("val_curve") or []
-        return curve[epochs - 1] if epochs and len(curve) >= epochs else (run["val_acc"] if not epochs else None)
+        if epochs is None:
+            return run["val_acc"]
+        curve = run.get("val_curve") or []   # most full runs kept none
+        return curve[epochs - 1] if len(curve) >= epochs else None
     if name == "val_bn":
         return run.get("val_acc_bn") if epochs is None else None
     raise ValueError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}")
@@ -93,32 +110,23 @@ def rung_scores(runs: list[dict], lows: dict | None = None, kind: str = "short",
     return out
 
 
-def ranked(scores: dict) -> dict:
-    """Scores with every None (a diverged or missing run) placed below the lowest real score."""
-    real = [v for v in scores.values() if v is not None]
-    floor = (min(real) if real else 0.0) - 1.0
-    return {m: (floor if v is None else v) for m, v in scores.items()}
-
-
 def shortlisted(itm_scores: dict, rung: dict, k: int | None) -> dict:
     """`top-k + rung`: ITM's top k ordered by the rung's signal, above the rest in ITM's order -> rank scores
     (higher = better) over ITM's models."""
     order = sorted(itm_scores, key=lambda m: -itm_scores[m])
     top = order if k is None else order[:k]
-    signal_of = ranked({m: rung.get(m) for m in top})
-    top_sorted = sorted(top, key=lambda m: (-signal_of[m], order.index(m)))
+    # no signal (a diverged or missing run): below every signal; ties keep ITM's order
+    top_sorted = sorted(top, key=lambda m: (rung.get(m) is None, -(rung.get(m) or 0.0), order.index(m)))
     final = top_sorted + [m for m in order if m not in top]
     return {m: float(len(final) - i) for i, m in enumerate(final)}
 
 
 def metrics(scores: dict, truth: dict) -> dict:
-    """τ_w and Rel@1 of scores (None → below every score) against {model: accuracy}."""
-    common = [m for m in scores if m in truth]
-    if len(common) < 2:   # a rung still running: nothing to rank yet
-        return {"tau_w": math.nan, "rel1": math.nan}
-    s = ranked({m: scores[m] for m in common})
-    return {"tau_w": kendall.weighted_tau(s, {m: truth[m] for m in common}),
-            "rel1": kendall.rel_k(s, {m: truth[m] for m in common}, 1)}
+    """τ_w and Rel@1 of scores (None → below every score) against {model: accuracy}, by the accuracy
+    harness's own rank metrics (NaN when fewer than two models can be ranked: a rung still running)."""
+    import accuracy   # here, not at the top: accuracy imports this module
+    got = accuracy.rank_metrics({m: math.nan if v is None else v for m, v in scores.items() if m in truth}, truth)
+    return {"tau_w": got["tau_w"], "rel1": got["rel1"]}
 
 
 # ------------------------------------------------------------------------------- the ladder on a target
@@ -128,12 +136,12 @@ def truncated(full_runs: list[dict], families: dict, chosen: dict) -> dict:
     `best`), and at the rate it chose (`chosen`, not eligible: it needs the whole search)."""
     grid = [r for r in full_runs if r["seed"] == 0 and r["lr"] in FAMILIES[families[r["model"]]]["grid"]]
     lows = {m: min(FAMILIES[f]["grid"]) for m, f in families.items()}
+    picked = [r for r in full_runs if r["seed"] == 0 and chosen.get(r["model"]) is not None
+              and math.isclose(r["lr"], chosen[r["model"]])]
     out: dict = {}
     for e in (1, 2):
         names = ("loss",) if e == 1 else ("loss", "loss_sum")   # at e = 1 loss_sum is loss
         out.update(rung_scores(grid, lows, "trunc", e, names))
-        picked = [r for r in full_runs if r["seed"] == 0 and chosen.get(r["model"]) is not None
-                  and math.isclose(r["lr"], chosen[r["model"]])]
         for name in names:
             cell = out.setdefault(rung_name("trunc", e, "chosen", name), {"scores": {}, "seconds": {}})
             for r in picked:

@@ -60,7 +60,7 @@ _TFLITE = {
 }
 _EFFL = {"effl0_in1k": (0, 1.0, 1.0), "effl1_in1k": (1, 1.0, 1.1), "effl2_in1k": (2, 1.1, 1.2)}
 _CIFAR = {"c10_resnet20": 20, "c10_resnet32": 32, "c10_resnet44": 44, "c10_resnet56": 56}
-CIFAR_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # akamaster's trainer normalisation
+CIFAR_NORM = IMAGENET   # akamaster's trainer normalised CIFAR-10 by ImageNet's mean and std
 
 NAMES: tuple[str, ...] = (   # models.json's order
     "tv_mnv2_in1k", "effl0_in1k", "effl1_in1k", "effl2_in1k",
